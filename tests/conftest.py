@@ -1,0 +1,58 @@
+"""Shared fixtures: a real S3-compatible server on loopback (moto's server mode, over HTTP),
+a fresh bucket per test, an isolated cache, and generated datasets."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from xraylib import locals3, synthetic
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray" / "train"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = locals3.start_local_s3()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    locals3.create_bucket(name)
+    return name
+
+
+@pytest.fixture
+def s3_client(s3_server):
+    import boto3
+
+    return boto3.session.Session().client("s3", endpoint_url=s3_server.endpoint_url)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "cache"
+    monkeypatch.setenv("XRAYLIB_CACHE_DIR", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A generated Kaggle-layout dataset, shared read-only by the tests of a session."""
+    root = tmp_path_factory.mktemp("tiny") / "chest_xray"
+    synthetic.generate_dataset(root, images_per_class=40, min_side=64, max_side=120, seed=1)
+    (root / "train" / "NORMAL" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    return root

@@ -1,0 +1,140 @@
+"""The `xraylib` command: upload, train, evaluate, predict, run (a notebook), demo.
+
+Each subcommand parses its arguments and calls the same public function a notebook calls. A
+problem the user can fix (an `XrayError`) prints one line, `xraylib: error: ...`, and exits 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from xraylib import config
+from xraylib.errors import XrayError
+
+
+def cmd_upload(args: argparse.Namespace) -> None:
+    from xraylib.storage import upload_directory
+
+    print(upload_directory(args.src, args.dest))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from xraylib.training import train
+
+    cfg = config.make_train_config(
+        preset=args.preset, data=args.data, out=args.out, epochs=args.epochs, image_size=args.image_size,
+        batch_size=args.batch_size, lr=args.lr, weights=args.weights, seed=args.seed, device=args.device,
+        precision=args.precision, resume=args.resume or None, skip_bad=args.skip_bad or None,
+        freeze_backbone=args.freeze_backbone or None, val_fraction=args.val_fraction,
+    )
+    train(cfg, progress=sys.stderr.isatty())
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from xraylib.evaluate import evaluate_model
+
+    evaluation = evaluate_model(args.model, args.data, args.out, skip_bad=args.skip_bad, device=args.device,
+                                progress=sys.stderr.isatty())
+    m = evaluation.metrics
+    print(f"{m['n_images']} images: accuracy {m['accuracy']:.4f}, sensitivity {m['sensitivity']:.4f}, "
+          f"specificity {m['specificity']:.4f}, ROC AUC {m['roc_auc']:.4f}, PR AUC {m['pr_auc']:.4f} "
+          f"(threshold {m['threshold']:.3f})")
+    if evaluation.skipped:
+        print(f"skipped {len(evaluation.skipped)} bad image(s)")
+    print(f"results written to {args.out}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from xraylib.evaluate import predict_images
+
+    for prediction in predict_images(args.model, args.images):
+        print(prediction)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from xraylib.notebooks import parse_parameters, run_notebook
+
+    result = run_notebook(args.notebook, parse_parameters(args.parameter), output=args.output)
+    print(f"executed notebook written to {result}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from xraylib.demo import run_demo
+
+    run_demo(args.out, images_per_class=args.images_per_class, epochs=args.epochs)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xraylib", description="Chest X-ray pneumonia classifier on S3 data.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("upload", help="copy a local dataset folder to a location (skips what is already there)")
+    p.add_argument("src", help="local folder, e.g. chest_xray/")
+    p.add_argument("dest", help="s3://bucket/prefix or a local folder")
+    p.set_defaults(func=cmd_upload)
+
+    defaults = config.TrainConfig(data="-", out="-")
+    p = sub.add_parser("train", help="train a ResNet50 on the train/ split of a dataset")
+    p.add_argument("--data", required=True, help="dataset root (holding train/) or a folder of class folders")
+    p.add_argument("--out", required=True, help="where model.pt, checkpoint.pt and history go")
+    p.add_argument("--preset", choices=sorted(config.PRESETS), help="a named recipe; explicit flags override it")
+    p.add_argument("--epochs", type=int, help=f"default {defaults.epochs}")
+    p.add_argument("--image-size", type=int, help=f"pixels per side, default {defaults.image_size}")
+    p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
+    p.add_argument("--lr", type=float, help=f"peak learning rate, default {defaults.lr}")
+    p.add_argument("--weights", help=f"imagenet, none, or a weights file (local or s3://); default {defaults.weights}")
+    p.add_argument("--freeze-backbone", action="store_true", help="train only the new head")
+    p.add_argument("--val-fraction", type=float, help=f"share of patients held out, default {defaults.val_fraction}")
+    p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 where the hardware runs it natively, else fp32")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and report) images that cannot be decoded")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics and pictures of a model on the test/ split")
+    p.add_argument("--model", required=True, help="a model file, or a train --out location")
+    p.add_argument("--data", required=True, help="dataset root (holding test/) or a folder of class folders")
+    p.add_argument("--out", required=True, help="where metrics.json, the pictures and predictions.csv go")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and report) images that cannot be decoded")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify images: one line each, path, label, probability")
+    p.add_argument("--model", required=True, help="a model file, or a train --out location")
+    p.add_argument("images", nargs="+", help="image files, local or s3://")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("run", help="execute the train or test notebook headless (papermill)")
+    p.add_argument("notebook", help="train, test, or a path to a notebook")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    p.add_argument("--output", help="where the executed notebook goes (local or s3://)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="the whole workflow offline: local S3 server, generated data, both notebooks")
+    p.add_argument("--out", default="demo-output", help="folder for the executed notebooks and results")
+    p.add_argument("--images-per-class", type=int, default=None, help="generated images per class and split")
+    p.add_argument("--epochs", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except XrayError as exc:
+        print(f"xraylib: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xraylib: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""The dataset: which images there are, what they are labelled, how they are decoded and batched.
+
+- `list_images` indexes a location in the Kaggle layout (`<split>/<CLASS>/*.jpeg`, or a location
+  that is itself `<CLASS>/...`) into records that carry key, label and patient together.
+- `split_by_patient` carves a validation split that keeps each patient on one side.
+- `decode_image` turns image *file bytes* (JPEG, PNG; any size and mode) into a grayscale square.
+- `load_images` fetches and decodes many images in parallel through two caches (the S3 object
+  cache, and a cache of decoded, resized pixels), and returns pixels and labels in one object,
+  so that no shuffle can separate an image from its label.
+- `iter_batches`, `augment_batch` and `to_model_input` turn those pixels into network input, the
+  same way at training and at test time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xraylib import config, storage
+from xraylib.errors import DatasetError, ImageDecodeError
+
+# Bump when decoding changes, so decoded-pixel caches made by older code are not reused.
+DECODER_VERSION = 1
+SPLIT_NAMES = ("train", "test", "val")
+
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_", re.IGNORECASE),  # person1234_bacteria_5678.jpeg
+    re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+", re.IGNORECASE),  # IM-0001-0001.jpeg, NORMAL2-IM-0001-0001.jpeg
+)
+
+
+def patient_id(filename: str) -> str:
+    """The patient an image belongs to, from its file name; an unknown pattern is its own patient."""
+    name = filename.rsplit("/", 1)[-1]
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return match.group(1).upper()
+    return name.rsplit(".", 1)[0]
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(config.IMAGE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    obj: storage.ObjectInfo
+    label: int  # 0: the NORMAL folder, 1: the other one
+    patient: str
+
+    @property
+    def name(self) -> str:
+        return self.obj.relpath
+
+
+@dataclass(frozen=True)
+class ImageIndex:
+    root: str
+    class_names: tuple[str, str]  # (negative, positive), as the folders are spelled
+    records: tuple[ImageRecord, ...]
+    ignored: tuple[str, ...] = ()  # non-image files and files outside a class folder
+
+    def counts(self) -> dict[str, int]:
+        counted = Counter(r.label for r in self.records)
+        return {name: counted.get(i, 0) for i, name in enumerate(self.class_names)}
+
+    def subset(self, records: Sequence[ImageRecord]) -> ImageIndex:
+        return ImageIndex(self.root, self.class_names, tuple(records), self.ignored)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{n} {name}" for name, n in self.counts().items())
+        extra = f"; ignored {len(self.ignored)} non-image file(s)" if self.ignored else ""
+        return f"{len(self.records)} images in {self.root} ({counts}){extra}"
+
+
+def class_roles(folders: Sequence[str], where: str) -> tuple[str, str]:
+    """(negative, positive) folder names: NORMAL in any case is negative, the other positive."""
+    folders = sorted(set(folders))
+    if len(folders) != 2:
+        found = ", ".join(folders) if folders else "none"
+        raise DatasetError(
+            f"expected two class folders (NORMAL and PNEUMONIA) in {where}, found {len(folders)}: {found}; "
+            "lay the images out as <CLASS>/<image>.jpeg"
+        )
+    normal = [f for f in folders if f.lower() == "normal"]
+    if not normal:
+        raise DatasetError(
+            f"no NORMAL folder in {where} (found {', '.join(folders)}): the negative class must be named NORMAL"
+        )
+    positive = next(f for f in folders if f != normal[0])
+    return normal[0], positive
+
+
+def list_images(location: str, split: str | None = None) -> ImageIndex:
+    """Index the images below `location`. With `split` ('train', 'test'), a dataset root is read
+    from its `<split>/` folder; a location that is itself `<CLASS>/...` is read as it is."""
+    objects = storage.list_objects(location)
+    root = location
+    if not objects:
+        raise DatasetError(f"no files found in {location}: check the location (and that the upload finished)")
+    top = {o.relpath.split("/", 1)[0] for o in objects if "/" in o.relpath}
+    splits_here = {t for t in top if t.lower() in SPLIT_NAMES}
+    if split is not None and splits_here:
+        chosen = [t for t in splits_here if t.lower() == split.lower()]
+        if not chosen:
+            raise DatasetError(
+                f"no {split}/ folder in {location} (found {', '.join(sorted(splits_here))}): "
+                f"point at the dataset root that holds {split}/, or at a folder of class folders"
+            )
+        prefix = chosen[0] + "/"
+        root = storage.join(location, chosen[0])
+        objects = [
+            storage.ObjectInfo(o.location, o.relpath[len(prefix):], o.size, o.version)
+            for o in objects
+            if o.relpath.startswith(prefix)
+        ]
+    elif splits_here and splits_here == top:
+        raise DatasetError(
+            f"{location} holds the splits {', '.join(sorted(splits_here))}: say which one to read, "
+            "or point at one of them"
+        )
+
+    ignored = [o.relpath for o in objects if not is_image_name(o.relpath) or "/" not in o.relpath]
+    images = [o for o in objects if is_image_name(o.relpath) and "/" in o.relpath]
+    if not images:
+        raise DatasetError(f"no images (.jpeg, .jpg, .png) in class folders below {root}; check the location")
+    negative, positive = class_roles([o.relpath.split("/", 1)[0] for o in images], root)
+    records = tuple(
+        ImageRecord(obj=o, label=0 if o.relpath.split("/", 1)[0] == negative else 1, patient=patient_id(o.relpath))
+        for o in images
+    )
+    return ImageIndex(root, (negative, positive), records, tuple(ignored))
+
+
+def split_by_patient(index: ImageIndex, val_fraction: float, seed: int) -> tuple[ImageIndex, ImageIndex]:
+    """(train, validation): each patient's images all on one side, about `val_fraction` of each
+    class's images in validation, the same split for the same seed."""
+    rng = random.Random(seed)
+    by_patient: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in index.records:
+        by_patient[record.patient].append(record)
+    val: list[ImageRecord] = []
+    train: list[ImageRecord] = []
+    for label in (0, 1):
+        patients = sorted(p for p, recs in by_patient.items() if Counter(r.label for r in recs).most_common(1)[0][0] == label)
+        rng.shuffle(patients)
+        total = sum(len(by_patient[p]) for p in patients)
+        target = round(total * val_fraction)
+        taken = 0
+        for p in patients:
+            side = val if taken < target else train
+            side.extend(by_patient[p])
+            taken += len(by_patient[p]) if side is val else 0
+    if not val or not train or len({r.label for r in val}) < 2:
+        raise DatasetError(
+            f"{index.root} is too small for a validation split by patient ({len(index)} images, "
+            f"{len(by_patient)} patients): add images or raise the validation fraction"
+        )
+    key = lambda r: r.obj.relpath  # noqa: E731
+    return index.subset(sorted(train, key=key)), index.subset(sorted(val, key=key))
+
+
+def _to_grayscale(im: Any) -> np.ndarray:
+    """Any PIL mode to 8-bit gray. High-bit-depth images are stretched by their own maximum,
+    since 16-bit radiographs store 10 to 16 significant bits."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        top = float(arr.max())
+        arr = arr * (255.0 / top) if top > 255 else arr
+        return np.clip(arr, 0, 255).astype(np.uint8)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(background, im)
+    return np.asarray(im.convert("L"))
+
+
+def decode_image(data: bytes, image_size: int, name: str) -> np.ndarray:
+    """File bytes (JPEG, PNG, ...) to an `image_size` x `image_size` uint8 grayscale array.
+
+    Raises ImageDecodeError naming `name` for anything that is not a whole, sane image."""
+    from PIL import Image, ImageOps
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        width, height = im.size
+        if width * height > config.MAX_IMAGE_PIXELS:
+            raise ImageDecodeError(
+                f"{name} claims {width}x{height} pixels, over the limit of {config.MAX_IMAGE_PIXELS:,}: "
+                "it is corrupt or a decompression bomb; remove it (or pass --skip-bad)"
+            )
+        if im.format == "JPEG" and im.mode in ("L", "RGB"):
+            im.draft("L", (image_size, image_size))  # decode at reduced scale: much faster
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        gray = Image.fromarray(_to_grayscale(im))
+        return np.asarray(gray.resize((image_size, image_size), Image.Resampling.BILINEAR))
+    except ImageDecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(
+            f"cannot decode image {name}: {exc}; replace or remove it (or pass --skip-bad to skip bad images)"
+        ) from None
+
+
+@dataclass
+class LoadedImages:
+    """Decoded pixels with their labels and records, index-aligned: row i of each belongs together."""
+
+    pixels: Any  # torch.uint8 tensor [N, H, W]
+    labels: Any  # torch.int64 tensor [N]
+    records: tuple[ImageRecord, ...]
+    class_names: tuple[str, str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def _decoded_cache_path(obj: storage.ObjectInfo, image_size: int, cache_dir: Path) -> Path:
+    tag = f"{obj.location}|{obj.version}|{image_size}|{DECODER_VERSION}"
+    digest = hashlib.sha256(tag.encode("utf-8")).hexdigest()
+    return cache_dir / f"decoded-{image_size}" / digest[:2] / digest
+
+
+def _load_one(record: ImageRecord, image_size: int, cache_dir: Path) -> np.ndarray:
+    cached = _decoded_cache_path(record.obj, image_size, cache_dir)
+    if cached.exists():
+        data = cached.read_bytes()
+        if len(data) == image_size * image_size:
+            return np.frombuffer(data, dtype=np.uint8).reshape(image_size, image_size)
+    raw = storage.fetch(record.obj, cache_dir).read_bytes()
+    pixels = decode_image(raw, image_size, record.obj.location)
+    storage.atomic_write_file(cached, pixels.tobytes())
+    return pixels
+
+
+def load_images(
+    index: ImageIndex,
+    image_size: int,
+    *,
+    skip_bad: bool = False,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> LoadedImages:
+    """Fetch and decode every image of `index`. A bad image raises ImageDecodeError naming it,
+    unless `skip_bad`, which leaves it out and lists it in `skipped`."""
+    import torch
+
+    cache_dir = cache_dir or config.default_cache_dir()
+
+    def load(record: ImageRecord) -> np.ndarray | str:
+        try:
+            return _load_one(record, image_size, cache_dir)
+        except ImageDecodeError as exc:
+            if skip_bad:
+                return str(exc)
+            raise
+
+    results = storage.parallel_map(load, index.records, progress="loading images" if progress else None)
+    kept = [(r, px) for r, px in zip(index.records, results, strict=True) if not isinstance(px, str)]
+    skipped = [(r.obj.location, px) for r, px in zip(index.records, results, strict=True) if isinstance(px, str)]
+    if not kept:
+        raise DatasetError(f"none of the {len(index)} images in {index.root} could be decoded")
+    pixels = torch.from_numpy(np.stack([px for _, px in kept]))
+    labels = torch.tensor([r.label for r, _ in kept], dtype=torch.int64)
+    return LoadedImages(pixels, labels, tuple(r for r, _ in kept), index.class_names, skipped)
+
+
+def iter_batches(
+    data: LoadedImages, batch_size: int, *, shuffle: bool, generator: Any = None
+) -> Iterator[tuple[Any, Any, Any]]:
+    """(pixels, labels, row indices) batches; one permutation indexes both pixels and labels."""
+    import torch
+
+    n = len(data)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        rows = order[start:start + batch_size]
+        yield data.pixels[rows], data.labels[rows], rows
+
+
+def to_model_input(pixels: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """uint8 [B, H, W] (or float [B, 1, H, W] in 0..1) to normalized float [B, 3, H, W]."""
+    import torch
+
+    x = pixels.unsqueeze(1).float().div_(255.0) if pixels.dtype == torch.uint8 else pixels
+    x = x.expand(-1, 3, -1, -1)
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+
+
+def augment_batch(pixels: Any, generator: Any = None) -> Any:
+    """Small random rotations, shifts, zoom and contrast changes, as radiographs vary; no flips
+    (the heart is on the left). uint8 [B, H, W] in, float [B, 1, H, W] in 0..1 out."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    x = pixels.unsqueeze(1).float().div_(255.0)
+    b = x.shape[0]
+
+    def uniform(lo: float, hi: float) -> Any:
+        return torch.rand(b, generator=generator) * (hi - lo) + lo
+
+    angle = uniform(-10, 10) * math.pi / 180
+    scale = uniform(0.9, 1.1)
+    tx, ty = uniform(-0.06, 0.06), uniform(-0.06, 0.06)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    contrast = uniform(0.85, 1.15).view(b, 1, 1, 1)
+    brightness = uniform(-0.08, 0.08).view(b, 1, 1, 1)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean + brightness).clamp_(0, 1)
+
+
+def report_skipped(skipped: list[tuple[str, str]], log: Callable[[str], None] = print) -> None:
+    if skipped:
+        log(f"skipped {len(skipped)} bad image(s):")
+        for _name, reason in skipped:
+            log(f"  {reason}")
+
+
+__all__ = [
+    "ImageIndex",
+    "ImageRecord",
+    "LoadedImages",
+    "augment_batch",
+    "decode_image",
+    "iter_batches",
+    "list_images",
+    "load_images",
+    "patient_id",
+    "split_by_patient",
+    "to_model_input",
+]

@@ -1,0 +1,207 @@
+"""Prediction and metrics: what a model says about images, and how good that is.
+
+`predict_probabilities` runs the network over decoded pixels (training's validation uses it
+too). `compute_metrics` gives accuracy, sensitivity (recall of the positive class),
+specificity, precision, F1, ROC AUC and PR AUC at a threshold, plus the confusion matrix with
+rows true and columns predicted. `choose_threshold` picks the threshold on validation data.
+`evaluate_model` and `predict_images` are what the test notebook and the CLI call.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xraylib import config, dataset, storage
+from xraylib.model import TrainedModel, autocast, autocast_dtype, load_model, resolve_device
+
+
+def predict_probabilities(
+    network: Any,
+    pixels: Any,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = config.EVAL_BATCH_SIZE,
+    device: Any = None,
+    amp_dtype: Any = None,
+) -> np.ndarray:
+    """P(positive class) for each uint8 [H, W] image in `pixels` ([N, H, W])."""
+    import torch
+
+    device = device or next(network.parameters()).device
+    was_training = network.training
+    network.eval()
+    out = []
+    with torch.inference_mode(), autocast(device, amp_dtype):
+        for start in range(0, len(pixels), batch_size):
+            x = dataset.to_model_input(pixels[start:start + batch_size].to(device), mean, std)
+            out.append(torch.softmax(network(x).float(), dim=1)[:, 1].cpu())
+    network.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def compute_metrics(labels: Sequence[int], probabilities: Sequence[float], threshold: float) -> dict[str, Any]:
+    """Metrics of a binary classifier at `threshold`; label 1 is the positive class."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y = np.asarray(labels, dtype=int)
+    p = np.asarray(probabilities, dtype=float)
+    pred = (p >= threshold).astype(int)
+    tp = int(((pred == 1) & (y == 1)).sum())
+    tn = int(((pred == 0) & (y == 0)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
+    fn = int(((pred == 0) & (y == 1)).sum())
+
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else float("nan")
+
+    precision, sensitivity = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    both_classes = len(set(y.tolist())) == 2
+    return {
+        "accuracy": ratio(tp + tn, len(y)),
+        "sensitivity": sensitivity,
+        "specificity": ratio(tn, tn + fp),
+        "precision": precision,
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "roc_auc": float(roc_auc_score(y, p)) if both_classes else float("nan"),
+        "pr_auc": float(average_precision_score(y, p)) if both_classes else float("nan"),
+        "threshold": float(threshold),
+        "n_images": len(y),
+        "confusion_matrix": {"labels": [0, 1], "matrix": [[tn, fp], [fn, tp]]},
+    }
+
+
+def choose_threshold(labels: Sequence[int], probabilities: Sequence[float]) -> float:
+    """The threshold that maximizes sensitivity + specificity (Youden's J) on these images;
+    0.5 when they hold only one class."""
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(labels, dtype=int)
+    if len(set(y.tolist())) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(y, np.asarray(probabilities, dtype=float))
+    best = int(np.argmax(tpr - fpr))
+    return float(min(max(thresholds[best], 0.0), 1.0))
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate_model` found: metrics, per-image results, and the data behind them."""
+
+    metrics: dict[str, Any]
+    labels: np.ndarray
+    probabilities: np.ndarray
+    names: list[str]
+    class_names: tuple[str, str]
+    images: Any  # the decoded pixels, for showing mistakes
+    skipped: list[tuple[str, str]]
+
+    def predictions_table(self) -> list[dict[str, Any]]:
+        threshold = self.metrics["threshold"]
+        return [
+            {"image": name, "true": self.class_names[label], "predicted": self.class_names[int(prob >= threshold)],
+             "probability": round(float(prob), 6), "correct": int(prob >= threshold) == label}
+            for name, label, prob in zip(self.names, self.labels.tolist(), self.probabilities.tolist(), strict=True)
+        ]
+
+    def most_confident_mistakes(self, n: int = 8) -> list[int]:
+        """Rows of the wrongly classified images, the most confidently wrong first."""
+        pred = (self.probabilities >= self.metrics["threshold"]).astype(int)
+        wrong = np.flatnonzero(pred != self.labels)
+        confidence = np.abs(self.probabilities[wrong] - self.metrics["threshold"])
+        return wrong[np.argsort(-confidence)][:n].tolist()
+
+
+def evaluate_loaded(model: TrainedModel, data: dataset.LoadedImages, *, device: str = "auto", precision: str = "auto") -> Evaluation:
+    torch_device = resolve_device(device)
+    model.network.to(torch_device)
+    probs = predict_probabilities(model.network, data.pixels, mean=model.mean, std=model.std, device=torch_device,
+                                  amp_dtype=autocast_dtype(torch_device, precision))
+    labels = data.labels.numpy()
+    metrics = compute_metrics(labels, probs, model.threshold)
+    metrics["class_names"] = list(data.class_names)
+    metrics["skipped_images"] = len(data.skipped)
+    return Evaluation(metrics, labels, probs, [r.obj.location for r in data.records], data.class_names,
+                      data.pixels, data.skipped)
+
+
+def write_evaluation(evaluation: Evaluation, out: str) -> dict[str, str]:
+    """metrics.json, predictions.csv and the three pictures into `out`; returns where each went."""
+    from xraylib import plots
+
+    written = {}
+    metrics_loc = storage.join(out, "metrics.json")
+    storage.write_text(metrics_loc, json.dumps(evaluation.metrics, indent=2) + "\n")
+    written["metrics"] = metrics_loc
+
+    rows = evaluation.predictions_table()
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["image", "true", "predicted", "probability", "correct"])
+    writer.writeheader()
+    writer.writerows(rows)
+    written["predictions"] = storage.join(out, "predictions.csv")
+    storage.write_text(written["predictions"], buffer.getvalue())
+
+    figures = {
+        "confusion_matrix": plots.confusion_matrix_figure(evaluation.metrics, evaluation.class_names),
+        "roc_curve": plots.roc_curve_figure(evaluation.labels, evaluation.probabilities),
+        "pr_curve": plots.pr_curve_figure(evaluation.labels, evaluation.probabilities),
+    }
+    for name, figure in figures.items():
+        written[name] = storage.join(out, f"{name}.png")
+        storage.write_bytes(written[name], plots.figure_png(figure))
+    return written
+
+
+def evaluate_model(
+    model: str | TrainedModel,
+    data: str,
+    out: str | None = None,
+    *,
+    skip_bad: bool = False,
+    device: str = "auto",
+    progress: bool = False,
+) -> Evaluation:
+    """Evaluate a model (file, `train --out` location, or loaded) on the `test/` split of a
+    dataset root, or on a folder of class folders; write the results to `out` if given."""
+    trained = load_model(model) if isinstance(model, str) else model
+    index = dataset.list_images(data, split="test")
+    loaded = dataset.load_images(index, trained.image_size, skip_bad=skip_bad, progress=progress)
+    evaluation = evaluate_loaded(trained, loaded, device=device)
+    if out is not None:
+        write_evaluation(evaluation, out)
+    return evaluation
+
+
+@dataclass(frozen=True)
+class Prediction:
+    image: str
+    label: str
+    probability: float  # of the positive class
+
+    def __str__(self) -> str:
+        return f"{self.image}\t{self.label}\t{self.probability:.4f}"
+
+
+def predict_images(model: str | TrainedModel, images: Sequence[str | Path]) -> list[Prediction]:
+    """Classify image files (local or S3) with a model; probability is of the positive class."""
+    import torch
+
+    trained = load_model(model) if isinstance(model, str) else model
+
+    def decode(location: str) -> np.ndarray:
+        return dataset.decode_image(storage.read_bytes(location), trained.image_size, location)
+
+    names = [str(i) for i in images]
+    pixels = torch.from_numpy(np.stack(storage.parallel_map(decode, names)))
+    probs = predict_probabilities(trained.network, pixels, mean=trained.mean, std=trained.std)
+    return [Prediction(name, trained.class_names[int(p >= trained.threshold)], float(p))
+            for name, p in zip(names, probs.tolist(), strict=True)]

@@ -1,0 +1,236 @@
+"""The network and the model file.
+
+`build_resnet50` makes a torchvision ResNet50 with a two-class head, starting from ImageNet
+weights (for users who are online), from a weights file (local or S3), or from nothing.
+
+A model file holds the weights and all that is needed to use them: class names, preprocessing,
+decision threshold, training parameters, validation metrics, library versions. It is a
+`torch.save` archive of tensors plus one JSON string, read back with `weights_only=True`, so
+loading a file from a shared bucket can never run code. `load_model` takes a model file or the
+folder a training run wrote.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+from xraylib import config, storage
+from xraylib.errors import ConfigError, LocationError, ModelFileError
+
+FORMAT_NAME = "xraylib-model"
+FORMAT_VERSION = 1
+
+
+def _load_tensors(location: str) -> dict[str, Any]:
+    """A torch archive read safely: tensors, dicts, lists, strings and numbers only."""
+    import pickle
+
+    import torch
+
+    path = storage.fetch_location(location)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelFileError(
+            f"{location} holds Python objects that could run code, so it was not loaded ({str(exc).splitlines()[0]}); "
+            "use a model file written by xraylib or a plain state_dict"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
+        raise ModelFileError(
+            f"{location} is not a PyTorch weights file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "check the location"
+        ) from None
+
+
+def _initial_state(weights: str) -> dict[str, Any] | None:
+    """The state_dict a new network starts from: None for 'none', torchvision's for 'imagenet'."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        from torchvision.models import ResNet50_Weights
+
+        try:
+            return ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=False)
+        except Exception as exc:  # urllib, SSL, hub errors: all mean "not downloadable here"
+            url = ResNet50_Weights.IMAGENET1K_V2.url
+            raise LocationError(
+                f"could not download the ImageNet ResNet50 weights from {url} ({type(exc).__name__}); "
+                "offline, download that file elsewhere and pass --weights PATH (local or s3://), or use --weights none"
+            ) from None
+    state = _load_tensors(weights)
+    if state.get("format") == FORMAT_NAME:
+        return state["state_dict"]
+    if isinstance(state.get("state_dict"), dict):
+        return state["state_dict"]
+    return state
+
+
+def build_resnet50(weights: str = "none", *, freeze_backbone: bool = False) -> Any:
+    """A ResNet50 with a two-class head. `weights`: 'imagenet', 'none', or a weights file
+    (a torchvision state_dict, or an xraylib model file), local or on S3."""
+    import torch
+    from torchvision.models import resnet50
+
+    network = resnet50(weights=None)
+    network.fc = torch.nn.Linear(network.fc.in_features, 2)
+    state = _initial_state(weights)
+    if state is not None:
+        head = {k: v for k, v in state.items() if k.startswith("fc.")}
+        # An ImageNet head has 1,000 classes: keep our new two-class head instead.
+        if head and head.get("fc.weight") is not None and tuple(head["fc.weight"].shape) != (2, network.fc.in_features):
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = network.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("fc.") for k in missing):
+            raise ModelFileError(
+                f"{weights} does not hold ResNet50 weights (missing {len(missing)} tensors, e.g. "
+                f"{(missing or unexpected)[0]}); pass a ResNet50 state_dict"
+            )
+    if freeze_backbone:
+        for name, param in network.named_parameters():
+            param.requires_grad = name.startswith("fc.")
+    return network
+
+
+def resolve_device(device: str) -> Any:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for, but no CUDA GPU is available: use --device cpu or auto")
+    return torch.device(device)
+
+
+def autocast_dtype(device: Any, precision: str) -> Any:
+    """The reduced precision to compute in, or None for fp32. 'auto' takes bf16 only where the
+    hardware runs it natively (CUDA, or CPUs with AVX-512 BF16 / AMX); emulated bf16 is slower."""
+    import torch
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
+        torch.cpu, "_is_amx_tile_supported", lambda: False
+    )()
+    return torch.bfloat16 if native else None
+
+
+@contextmanager
+def autocast(device: Any, dtype: Any) -> Iterator[None]:
+    import torch
+
+    with torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext():
+        yield
+
+
+def library_versions() -> dict[str, str]:
+    import torch
+    import torchvision
+
+    from xraylib import __version__
+
+    return {"xraylib": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version()}
+
+
+@dataclass
+class TrainedModel:
+    """A network ready to predict, with what it needs to read images the way it was trained."""
+
+    network: Any
+    metadata: dict[str, Any]
+
+    @property
+    def class_names(self) -> tuple[str, str]:
+        return tuple(self.metadata["class_names"])  # type: ignore[return-value]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.metadata["preprocessing"]["image_size"])
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.metadata["preprocessing"]["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.metadata["preprocessing"]["std"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metadata["threshold"])
+
+
+def model_metadata(
+    *, class_names: tuple[str, str], image_size: int, threshold: float, **extra: Any
+) -> dict[str, Any]:
+    """The metadata every model file carries, plus whatever else the caller records."""
+    from xraylib.dataset import DECODER_VERSION
+
+    return {
+        "class_names": list(class_names),
+        "preprocessing": {
+            "image_size": image_size,
+            "grayscale": True,
+            "resize": "squash-bilinear",
+            "mean": list(config.IMAGENET_MEAN),
+            "std": list(config.IMAGENET_STD),
+            "decoder_version": DECODER_VERSION,
+        },
+        "threshold": threshold,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": library_versions(),
+        **extra,
+    }
+
+
+def model_to_bytes(network: Any, metadata: dict[str, Any]) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    torch.save({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                "metadata_json": json.dumps(metadata), "state_dict": state}, buffer)
+    return buffer.getvalue()
+
+
+def save_model(location: str, network: Any, metadata: dict[str, Any]) -> None:
+    """Write a model file to `location` (local or S3), whole or not at all."""
+    storage.write_bytes(location, model_to_bytes(network, metadata))
+
+
+def model_file_location(location: str) -> str:
+    """A model file, or the model file inside a training run's output folder."""
+    if location.endswith((".pt", ".pth")):
+        return location
+    return storage.join(location, config.MODEL_FILENAME)
+
+
+def load_model(location: str, device: str = "cpu") -> TrainedModel:
+    """Read a model file (or a `train --out` location) written by `save_model`."""
+    file = model_file_location(location)
+    try:
+        archive = _load_tensors(file)
+    except LocationError:
+        if file != location:
+            raise LocationError(f"no {config.MODEL_FILENAME} in {location}: pass a model file or a train --out location") from None
+        raise
+    if not isinstance(archive, dict) or archive.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{file} is not an xraylib model file (no '{FORMAT_NAME}' header); train one with `xraylib train`")
+    metadata = json.loads(archive["metadata_json"])
+    network = build_resnet50("none")
+    network.load_state_dict(archive["state_dict"])
+    network.eval().to(resolve_device(device))
+    return TrainedModel(network, metadata)

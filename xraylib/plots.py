@@ -1,0 +1,134 @@
+"""Pictures: confusion matrix, ROC and PR curves, training curves, image grids.
+
+Each function returns a matplotlib Figure (a notebook shows it; `figure_png` turns it into bytes
+to store). Figures are built on matplotlib's object API, so no global pyplot state or display
+backend is touched.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def figure_png(figure: Any, dpi: int = 110) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def confusion_matrix_figure(metrics: dict[str, Any], class_names: Sequence[str]) -> Any:
+    """Rows true class, columns predicted class, with counts and row percentages."""
+    matrix = np.asarray(metrics["confusion_matrix"]["matrix"])
+    fig = _figure(4.6, 4.0)
+    ax = fig.add_subplot()
+    ax.imshow(matrix, cmap="Blues")
+    row_totals = matrix.sum(axis=1, keepdims=True).clip(min=1)
+    for i in range(2):
+        for j in range(2):
+            color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
+            ax.text(j, i, f"{matrix[i, j]}\n{100 * matrix[i, j] / row_totals[i, 0]:.1f}%", ha="center", va="center",
+                    color=color, fontsize=12)
+    ax.set_xticks([0, 1], labels=list(class_names))
+    ax.set_yticks([0, 1], labels=list(class_names))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"accuracy {metrics['accuracy']:.3f} at threshold {metrics['threshold']:.2f}")
+    return fig
+
+
+def roc_curve_figure(labels: Sequence[int], probabilities: Sequence[float]) -> Any:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig = _figure(4.6, 4.0)
+    ax = fig.add_subplot()
+    if len(set(np.asarray(labels).tolist())) == 2:
+        fpr, tpr, _ = roc_curve(labels, probabilities)
+        ax.plot(fpr, tpr, label=f"ROC AUC {roc_auc_score(labels, probabilities):.3f}")
+        ax.legend(loc="lower right")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_title("ROC curve")
+    return fig
+
+
+def pr_curve_figure(labels: Sequence[int], probabilities: Sequence[float]) -> Any:
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    fig = _figure(4.6, 4.0)
+    ax = fig.add_subplot()
+    if len(set(np.asarray(labels).tolist())) == 2:
+        precision, recall, _ = precision_recall_curve(labels, probabilities)
+        ax.plot(recall, precision, label=f"PR AUC {average_precision_score(labels, probabilities):.3f}")
+        ax.axhline(float(np.mean(labels)), linestyle="--", color="grey", linewidth=1, label="chance")
+        ax.legend(loc="lower left")
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall curve")
+    return fig
+
+
+def training_curves_figure(history: Sequence[dict[str, Any]]) -> Any:
+    """Training loss and validation loss/ROC AUC/accuracy per epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig = _figure(9, 3.5)
+    loss_ax, metric_ax = fig.subplots(1, 2)
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend()
+    for key in ("val_roc_auc", "val_accuracy"):
+        metric_ax.plot(epochs, [h[key] for h in history], marker="o", label=key.removeprefix("val_"))
+    metric_ax.set_xlabel("epoch")
+    metric_ax.set_ylim(0, 1.02)
+    metric_ax.set_title("validation")
+    metric_ax.legend(loc="lower right")
+    return fig
+
+
+def image_grid_figure(pixels: Any, titles: Sequence[str], columns: int = 4) -> Any:
+    """Grayscale images (uint8 [N, H, W]) in a grid, each with its title."""
+    n = len(titles)
+    rows = max(1, -(-n // columns))
+    fig = _figure(2.4 * columns, 2.6 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, title in zip(axes, pixels, titles, strict=False):
+        ax.imshow(np.asarray(image), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def sample_images_figure(data: Any, per_class: int = 4, seed: int = 0) -> Any:
+    """A few images of each class with their labels (`data`: dataset.LoadedImages)."""
+    rng = np.random.default_rng(seed)
+    labels = data.labels.numpy()
+    rows = [int(i) for label in (0, 1) for i in rng.permutation(np.flatnonzero(labels == label))[:per_class]]
+    titles = [f"{data.class_names[labels[i]]}\n{data.records[i].obj.relpath.rsplit('/', 1)[-1][:24]}" for i in rows]
+    return image_grid_figure(data.pixels[rows], titles, columns=per_class)
+
+
+def confident_mistakes_figure(evaluation: Any, n: int = 8) -> Any:
+    """The images the model got wrong with the most confidence (`evaluation`: evaluate.Evaluation)."""
+    rows = evaluation.most_confident_mistakes(n)
+    names = evaluation.class_names
+    titles = [
+        f"true {names[evaluation.labels[i]]}\np({names[1]})={evaluation.probabilities[i]:.2f}" for i in rows
+    ]
+    if not rows:
+        fig = _figure(4, 1)
+        fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        return fig
+    return image_grid_figure(evaluation.images[rows], titles)

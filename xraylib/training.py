@@ -1,0 +1,250 @@
+"""Training, top to bottom: `train_one_epoch`, `validate`, `load_data`, then `train`, the run.
+
+A run reads the `train/` split, holds out a validation split by patient, trains a ResNet50 with
+a class-weighted loss, AdamW and a one-cycle schedule, validates every epoch, keeps the epoch
+with the best validation ROC AUC and picks the decision threshold on validation. It writes
+into the output location:
+
+- `model.pt`: the best model so far, with its metadata (see `model.py`);
+- `checkpoint.pt`: the state after the last finished epoch, for `resume`;
+- `history.json` and `training_curves.png`.
+
+Every file is written whole or not at all, so a run killed at any moment resumes cleanly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from xraylib import config, dataset, storage
+from xraylib.config import TrainConfig
+from xraylib.evaluate import choose_threshold, compute_metrics, predict_probabilities
+from xraylib.model import autocast, autocast_dtype, build_resnet50, model_metadata, model_to_bytes, resolve_device
+
+Log = Callable[[str], None]
+
+
+def train_one_epoch(
+    network: Any,
+    optimizer: Any,
+    scheduler: Any,
+    loss_fn: Any,
+    data: dataset.LoadedImages,
+    *,
+    batch_size: int,
+    device: Any,
+    amp_dtype: Any,
+    augment: bool,
+    generator: Any,
+    progress: str | None = None,
+) -> float:
+    """One pass over `data` in a random order; returns the mean training loss."""
+    import torch
+
+    network.train()
+    total, seen = 0.0, 0
+    batches = dataset.iter_batches(data, batch_size, shuffle=True, generator=generator)
+    steps = -(-len(data) // batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=progress, unit="batch", leave=False)
+    for pixels, labels, _ in batches:
+        if len(labels) < 2:
+            continue  # BatchNorm cannot train on a batch of one
+        x = dataset.augment_batch(pixels, generator) if augment else pixels
+        x = dataset.to_model_input(x.to(device), config.IMAGENET_MEAN, config.IMAGENET_STD)
+        labels = labels.to(device)
+        with autocast(device, amp_dtype):
+            loss = loss_fn(network(x).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += float(loss.detach()) * len(labels)
+        seen += len(labels)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+    if bar is not None:
+        bar.close()
+    if not torch.isfinite(torch.tensor(total)):
+        from xraylib.errors import ConfigError
+
+        raise ConfigError("training loss became NaN or infinite: lower the learning rate (--lr)")
+    return total / max(seen, 1)
+
+
+def validate(network: Any, loss_fn: Any, data: dataset.LoadedImages, *, device: Any, amp_dtype: Any) -> dict[str, Any]:
+    """Validation metrics at threshold 0.5 and at the threshold chosen on these images."""
+    import torch
+
+    probs = predict_probabilities(network, data.pixels, mean=config.IMAGENET_MEAN, std=config.IMAGENET_STD,
+                                  device=device, amp_dtype=amp_dtype)
+    labels = data.labels.numpy()
+    p = torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7)
+    logits = torch.stack([torch.log(1 - p), torch.log(p)], dim=1).float()
+    val_loss = float(loss_fn(logits.to(device), data.labels.to(device)))
+    threshold = choose_threshold(labels, probs)
+    return {"loss": val_loss, "at_half": compute_metrics(labels, probs, 0.5),
+            "chosen": compute_metrics(labels, probs, threshold)}
+
+
+@dataclass
+class TrainingData:
+    train: dataset.LoadedImages
+    val: dataset.LoadedImages
+    index: dataset.ImageIndex
+
+
+def load_data(data: str, *, image_size: int, val_fraction: float, seed: int, skip_bad: bool,
+              log: Log = print, progress: bool = True) -> TrainingData:
+    """Index the `train/` split, split it by patient, and decode both sides."""
+    index = dataset.list_images(data, split="train")
+    log(f"found {index.describe()}")
+    train_index, val_index = dataset.split_by_patient(index, val_fraction, seed)
+    loaded = dataset.load_images(index.subset(train_index.records + val_index.records), image_size,
+                                 skip_bad=skip_bad, progress=progress)
+    dataset.report_skipped(loaded.skipped, log)
+    in_val = {r.obj.location for r in val_index.records}
+    is_val = [r.obj.location in in_val for r in loaded.records]
+    train_rows = [i for i, v in enumerate(is_val) if not v]
+    val_rows = [i for i, v in enumerate(is_val) if v]
+
+    def take(rows: list[int]) -> dataset.LoadedImages:
+        return dataset.LoadedImages(loaded.pixels[rows], loaded.labels[rows], tuple(loaded.records[i] for i in rows),
+                                    loaded.class_names)
+
+    train_data, val_data = take(train_rows), take(val_rows)
+    patients = len({r.patient for r in train_data.records}), len({r.patient for r in val_data.records})
+    log(f"train {len(train_data)} images ({patients[0]} patients), validation {len(val_data)} images "
+        f"({patients[1]} patients), split by patient")
+    return TrainingData(train_data, val_data, index)
+
+
+@dataclass
+class TrainResult:
+    model_location: str
+    history: list[dict[str, Any]]
+    best_epoch: int
+    val_metrics: dict[str, Any]
+    data: TrainingData
+
+
+def _class_weights(labels: Any) -> Any:
+    """Inverse class frequency, so that NORMAL (1,341) counts as much as PNEUMONIA (3,875)."""
+    import torch
+
+    counts = torch.bincount(labels, minlength=2).float().clamp(min=1)
+    return counts.sum() / (2 * counts)
+
+
+def _load_checkpoint(location: str) -> dict[str, Any] | None:
+    import torch
+
+    if not storage.exists(location):
+        return None
+    return torch.load(io.BytesIO(storage.read_bytes(location)), map_location="cpu", weights_only=True)
+
+
+def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> TrainResult:
+    """Run a whole training as `cfg` says; with `cfg.resume`, continue from the last finished epoch."""
+    import torch
+
+    out = cfg.out
+    model_loc = storage.join(out, config.MODEL_FILENAME)
+    checkpoint_loc = storage.join(out, config.CHECKPOINT_FILENAME)
+    checkpoint = _load_checkpoint(checkpoint_loc) if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        log(f"no checkpoint in {out}: starting from the first epoch")
+    if checkpoint is not None and json.loads(checkpoint["config_json"])["data"] != cfg.data:
+        from xraylib.errors import ConfigError
+
+        raise ConfigError(f"the checkpoint in {out} was trained on other data: use a new --out, or drop --resume")
+
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.data, image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                     skip_bad=cfg.skip_bad, log=log, progress=progress)
+    device = resolve_device(cfg.device)
+    amp_dtype = autocast_dtype(device, cfg.precision)
+    network = build_resnet50(cfg.weights, freeze_backbone=cfg.freeze_backbone)
+    network.to(device).to(memory_format=torch.channels_last)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=_class_weights(data.train.labels).to(device),
+                                        label_smoothing=cfg.label_smoothing)
+    params = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = -(-len(data.train) // cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                    pct_start=0.15)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, Any]] = []
+    best = {"epoch": 0, "roc_auc": -1.0, "metrics": {}}
+    first_epoch = 1
+    if checkpoint is not None:
+        network.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        generator.set_state(checkpoint["generator"])
+        history = json.loads(checkpoint["history_json"])
+        best = json.loads(checkpoint["best_json"])
+        first_epoch = int(checkpoint["epoch"]) + 1
+        log(f"resuming {out} after epoch {first_epoch - 1}")
+    log(f"training ResNet50 ({cfg.weights} weights) on {device.type}"
+        f"{' with ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else ''}, {cfg.epochs} epochs, "
+        f"{cfg.image_size}px, batch {cfg.batch_size}")
+
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        started = time.perf_counter()
+        train_loss = train_one_epoch(network, optimizer, scheduler, loss_fn, data.train, batch_size=cfg.batch_size,
+                                     device=device, amp_dtype=amp_dtype, augment=cfg.augment, generator=generator,
+                                     progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
+        val = validate(network, loss_fn, data.val, device=device, amp_dtype=amp_dtype)
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+               "val_roc_auc": val["chosen"]["roc_auc"], "val_accuracy": val["at_half"]["accuracy"],
+               "val_sensitivity": val["at_half"]["sensitivity"], "val_specificity": val["at_half"]["specificity"],
+               "lr": scheduler.get_last_lr()[0], "seconds": seconds}
+        history.append(row)
+        improved = row["val_roc_auc"] > best["roc_auc"]
+        log(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
+            f"val ROC AUC {row['val_roc_auc']:.4f}  val accuracy {row['val_accuracy']:.4f}  "
+            f"{seconds:.0f}s{'  (best so far)' if improved else ''}")
+        if improved:
+            best = {"epoch": epoch, "roc_auc": row["val_roc_auc"], "metrics": val["chosen"]}
+            metadata = model_metadata(class_names=data.index.class_names, image_size=cfg.image_size,
+                                      threshold=val["chosen"]["threshold"], train_config=cfg.to_dict(),
+                                      best_epoch=epoch, val_metrics=val["chosen"],
+                                      data_counts={"train": len(data.train), "val": len(data.val)})
+            storage.write_bytes(model_loc, model_to_bytes(network, metadata))
+        _save_checkpoint(checkpoint_loc, network, optimizer, scheduler, generator, epoch, history, best, cfg)
+        _write_history(out, history)
+
+    log(f"best epoch {best['epoch']}: validation ROC AUC {best['roc_auc']:.4f}, accuracy "
+        f"{best['metrics'].get('accuracy', float('nan')):.4f} at threshold {best['metrics'].get('threshold', 0.5):.3f}; "
+        f"model saved to {model_loc}")
+    return TrainResult(model_loc, history, int(best["epoch"]), best["metrics"], data)
+
+
+def _save_checkpoint(location: str, network: Any, optimizer: Any, scheduler: Any, generator: Any, epoch: int,
+                     history: list[dict[str, Any]], best: dict[str, Any], cfg: TrainConfig) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "epoch": epoch,
+                "history_json": json.dumps(history), "best_json": json.dumps(best),
+                "config_json": json.dumps(cfg.to_dict())}, buffer)
+    storage.write_bytes(location, buffer.getvalue())
+
+
+def _write_history(out: str, history: list[dict[str, Any]]) -> None:
+    from xraylib.plots import figure_png, training_curves_figure
+
+    storage.write_text(storage.join(out, config.HISTORY_FILENAME), json.dumps(history, indent=2) + "\n")
+    storage.write_bytes(storage.join(out, config.CURVES_FILENAME), figure_png(training_curves_figure(history)))
