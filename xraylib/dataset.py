@@ -196,13 +196,13 @@ def decode_image(data: bytes, image_size: int, name: str) -> np.ndarray:
     Raises ImageDecodeError naming `name` for anything that is not a whole, sane image."""
     from PIL import Image, ImageOps
 
+    too_big = "it is corrupt or a decompression bomb; remove it (or pass --skip-bad)"
     try:
         im = Image.open(io.BytesIO(data))
         width, height = im.size
         if width * height > config.MAX_IMAGE_PIXELS:
             raise ImageDecodeError(
-                f"{name} claims {width}x{height} pixels, over the limit of {config.MAX_IMAGE_PIXELS:,}: "
-                "it is corrupt or a decompression bomb; remove it (or pass --skip-bad)"
+                f"{name} claims {width}x{height} pixels, over the limit of {config.MAX_IMAGE_PIXELS:,}: {too_big}"
             )
         if im.format == "JPEG" and im.mode in ("L", "RGB"):
             im.draft("L", (image_size, image_size))  # decode at reduced scale: much faster
@@ -212,7 +212,9 @@ def decode_image(data: bytes, image_size: int, name: str) -> np.ndarray:
         return np.asarray(gray.resize((image_size, image_size), Image.Resampling.BILINEAR))
     except ImageDecodeError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own guard fires in open() for the largest claims
+        raise ImageDecodeError(f"{name} is too large to decode safely ({exc}): {too_big}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(
             f"cannot decode image {name}: {exc}; replace or remove it (or pass --skip-bad to skip bad images)"
         ) from None

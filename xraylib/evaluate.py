@@ -120,7 +120,9 @@ class Evaluation:
         return wrong[np.argsort(-confidence)][:n].tolist()
 
 
-def evaluate_loaded(model: TrainedModel, data: dataset.LoadedImages, *, device: str = "auto", precision: str = "auto") -> Evaluation:
+def evaluate_loaded(
+    model: TrainedModel, data: dataset.LoadedImages, *, device: str = "auto", precision: str = "auto"
+) -> Evaluation:
     torch_device = resolve_device(device)
     model.network.to(torch_device)
     probs = predict_probabilities(model.network, data.pixels, mean=model.mean, std=model.std, device=torch_device,

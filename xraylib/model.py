@@ -86,7 +86,10 @@ def build_resnet50(weights: str = "none", *, freeze_backbone: bool = False) -> A
         # An ImageNet head has 1,000 classes: keep our new two-class head instead.
         if head and head.get("fc.weight") is not None and tuple(head["fc.weight"].shape) != (2, network.fc.in_features):
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = network.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = network.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # tensors of the wrong shape
+            raise ModelFileError(f"{weights} does not hold ResNet50 weights ({str(exc).splitlines()[-1].strip()})") from None
         if unexpected or any(not k.startswith("fc.") for k in missing):
             raise ModelFileError(
                 f"{weights} does not hold ResNet50 weights (missing {len(missing)} tensors, e.g. "
@@ -225,7 +228,9 @@ def load_model(location: str, device: str = "cpu") -> TrainedModel:
         archive = _load_tensors(file)
     except LocationError:
         if file != location:
-            raise LocationError(f"no {config.MODEL_FILENAME} in {location}: pass a model file or a train --out location") from None
+            raise LocationError(
+                f"no {config.MODEL_FILENAME} in {location}: pass a model file or a train --out location"
+            ) from None
         raise
     if not isinstance(archive, dict) or archive.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{file} is not an xraylib model file (no '{FORMAT_NAME}' header); train one with `xraylib train`")

@@ -1,0 +1,84 @@
+"""Training runs on generated images: it learns, writes its files, and resumes after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from xraylib import config, storage, synthetic
+from xraylib.model import load_model
+from xraylib.training import train
+
+
+@pytest.fixture(scope="module")
+def learnable_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learnable") / "chest_xray"
+    synthetic.generate_dataset(root, images_per_class=90, min_side=64, max_side=96, seed=5)
+    return root
+
+
+@pytest.mark.timeout(300)
+def test_short_training_run_on_s3_learns_and_writes_its_files(bucket, learnable_dataset):
+    storage.upload_directory(learnable_dataset, f"s3://{bucket}/chest_xray")
+    out = f"s3://{bucket}/runs/first"
+    cfg = config.make_train_config(data=f"s3://{bucket}/chest_xray", out=out, epochs=4, image_size=48,
+                                   batch_size=16, weights="none", seed=0)
+    lines: list[str] = []
+    result = train(cfg, log=lines.append, progress=False)
+
+    assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["1/4", "2/4", "3/4", "4/4"]
+    val_patients = {r.patient for r in result.data.val.records}
+    assert val_patients.isdisjoint({r.patient for r in result.data.train.records})
+    assert result.val_metrics["accuracy"] >= 0.8, result.history
+    assert result.val_metrics["roc_auc"] >= 0.9, result.history
+
+    names = {o.relpath for o in storage.list_objects(out)}
+    assert names == {"model.pt", "checkpoint.pt", "history.json", "training_curves.png"}
+    history = json.loads(storage.read_bytes(f"{out}/history.json"))
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    model = load_model(out)
+    assert model.metadata["best_epoch"] == result.best_epoch
+    assert model.metadata["train_config"]["image_size"] == 48
+    assert model.threshold == pytest.approx(result.val_metrics["threshold"])
+    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(model.metadata)
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in storage.read_bytes(f"{out}/model.pt").decode("latin-1")
+
+
+def _history_epochs(out) -> list[int]:
+    path = out / config.HISTORY_FILENAME
+    return [h["epoch"] for h in json.loads(path.read_text())] if path.exists() else []
+
+
+@pytest.mark.timeout(300)
+def test_run_killed_with_sigkill_resumes_and_finishes_every_epoch(tmp_path, tiny_dataset):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "xraylib", "train", "--data", str(tiny_dataset), "--out", str(out),
+               "--epochs", "3", "--image-size", "32", "--batch-size", "16", "--weights", "none"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not _history_epochs(out) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, process.stdout.read().decode()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = _history_epochs(out)
+    assert done and done[-1] < 3
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".part")]
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out} after epoch {done[-1]}" in resumed.stdout
+    epoch_lines = [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("epoch ")]
+    assert epoch_lines == [f"{e}/3" for e in range(done[-1] + 1, 4)]
+    assert _history_epochs(out) == [1, 2, 3]
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 3
+    load_model(str(out))
