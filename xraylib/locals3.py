@@ -51,8 +51,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_local_s3(port: int | None = None, timeout: float = 30.0) -> LocalS3Server:
-    """Start moto's S3 server on 127.0.0.1 and wait until it answers."""
+def start_local_s3(port: int | None = None, timeout: float = 30.0, env: dict[str, str] | None = None) -> LocalS3Server:
+    """Start moto's S3 server on 127.0.0.1 and wait until it answers. `env` adds settings of
+    moto's own (e.g. INITIAL_NO_AUTH_ACTION_COUNT, to have it check credentials and IAM policies)."""
     try:
         import moto.server  # noqa: F401
     except ImportError:
@@ -60,7 +61,7 @@ def start_local_s3(port: int | None = None, timeout: float = 30.0) -> LocalS3Ser
     port = port or free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

@@ -343,8 +343,12 @@ def fetch(obj: ObjectInfo, cache_dir: Path | None = None) -> Path:
     if not is_remote(obj.location):
         return Path(obj.location)
     path = cache_path(obj, cache_dir or config.default_cache_dir())
-    if not path.exists():
-        atomic_write_file(path, read_bytes(obj.location))
+    # Entries are renamed into place whole; the size check also catches one damaged since.
+    if not path.exists() or path.stat().st_size != obj.size:
+        data = read_bytes(obj.location)
+        if len(data) != obj.size:
+            raise LocationError(f"{obj.location} changed while it was read (listed {obj.size} bytes, got {len(data)}); run again")
+        atomic_write_file(path, data)
     return path
 
 
