@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from xraylib import config, dataset, storage
-from xraylib.model import TrainedModel, autocast, autocast_dtype, load_model, resolve_device
+from xraylib.model import TrainedModel, autocast, autocast_dtype, inference_network, load_model, resolve_device
 
 
 def predict_probabilities(
@@ -124,8 +124,8 @@ def evaluate_loaded(
     model: TrainedModel, data: dataset.LoadedImages, *, device: str = "auto", precision: str = "auto"
 ) -> Evaluation:
     torch_device = resolve_device(device)
-    model.network.to(torch_device)
-    probs = predict_probabilities(model.network, data.pixels, mean=model.mean, std=model.std, device=torch_device,
+    network = inference_network(model.network.to(torch_device))
+    probs = predict_probabilities(network, data.pixels, mean=model.mean, std=model.std, device=torch_device,
                                   amp_dtype=autocast_dtype(torch_device, precision))
     labels = data.labels.numpy()
     metrics = compute_metrics(labels, probs, model.threshold)
@@ -204,6 +204,6 @@ def predict_images(model: str | TrainedModel, images: Sequence[str | Path]) -> l
 
     names = [str(i) for i in images]
     pixels = torch.from_numpy(np.stack(storage.parallel_map(decode, names)))
-    probs = predict_probabilities(trained.network, pixels, mean=trained.mean, std=trained.std)
+    probs = predict_probabilities(inference_network(trained.network), pixels, mean=trained.mean, std=trained.std)
     return [Prediction(name, trained.class_names[int(p >= trained.threshold)], float(p))
             for name, p in zip(names, probs.tolist(), strict=True)]

@@ -72,14 +72,19 @@ def _initial_state(weights: str) -> dict[str, Any] | None:
     return state
 
 
-def build_resnet50(weights: str = "none", *, freeze_backbone: bool = False) -> Any:
-    """A ResNet50 with a two-class head. `weights`: 'imagenet', 'none', or a weights file
-    (a torchvision state_dict, or an xraylib model file), local or on S3."""
+def _resnet50_two_class() -> Any:
     import torch
     from torchvision.models import resnet50
 
     network = resnet50(weights=None)
     network.fc = torch.nn.Linear(network.fc.in_features, 2)
+    return network
+
+
+def build_resnet50(weights: str = "none", *, freeze_backbone: bool = False) -> Any:
+    """A ResNet50 with a two-class head. `weights`: 'imagenet', 'none', or a weights file
+    (a torchvision state_dict, or an xraylib model file), local or on S3."""
+    network = _resnet50_two_class()
     state = _initial_state(weights)
     if state is not None:
         head = {k: v for k, v in state.items() if k.startswith("fc.")}
@@ -99,6 +104,18 @@ def build_resnet50(weights: str = "none", *, freeze_backbone: bool = False) -> A
         for name, param in network.named_parameters():
             param.requires_grad = name.startswith("fc.")
     return network
+
+
+def inference_network(network: Any) -> Any:
+    """A copy of `network` for prediction only: batch norms folded into the convolutions and
+    channels-last memory, about twice as fast on a CPU and equal up to rounding."""
+    import copy
+
+    import torch
+    from torch.fx.experimental.optimization import fuse
+
+    fused = fuse(copy.deepcopy(network).eval())
+    return fused.to(memory_format=torch.channels_last)
 
 
 def resolve_device(device: str) -> Any:
@@ -235,7 +252,13 @@ def load_model(location: str, device: str = "cpu") -> TrainedModel:
     if not isinstance(archive, dict) or archive.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{file} is not an xraylib model file (no '{FORMAT_NAME}' header); train one with `xraylib train`")
     metadata = json.loads(archive["metadata_json"])
-    network = build_resnet50("none")
-    network.load_state_dict(archive["state_dict"])
+    import torch
+
+    with torch.device("meta"):  # no random initialisation: every tensor comes from the file
+        network = _resnet50_two_class()
+    try:
+        network.load_state_dict(archive["state_dict"], assign=True)
+    except RuntimeError as exc:
+        raise ModelFileError(f"{file} holds weights that do not fit ResNet50 ({str(exc).splitlines()[-1].strip()})") from None
     network.eval().to(resolve_device(device))
     return TrainedModel(network, metadata)

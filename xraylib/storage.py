@@ -71,6 +71,12 @@ def _md5_hex(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_file(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see part of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +86,7 @@ def atomic_write_file(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

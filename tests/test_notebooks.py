@@ -1,0 +1,382 @@
+"""The notebooks and running them: their shape, papermill end to end against the loopback S3
+server, failures naming the cell, no credentials in executed notebooks, JupyterLab serving them."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import nbformat
+import pytest
+
+from xraylib import locals3, storage
+from xraylib.errors import ConfigError
+from xraylib.notebooks import (
+    NOTEBOOKS,
+    NotebookError,
+    class_counts_table,
+    collapse_progress,
+    metrics_table,
+    notebook_parameters,
+    notebook_path,
+    parse_parameters,
+    run_notebook,
+    scrub,
+    tidy_outputs,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PARAMETERS = {"data", "out", "epochs", "image_size", "batch_size", "lr", "weights", "seed", "device", "preset"}
+TEST_PARAMETERS = {"model", "data", "out"}
+METRIC_KEYS = {"accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc", "threshold", "n_images",
+               "confusion_matrix", "class_names"}
+SECRET = locals3.LOCAL_ENV["AWS_SECRET_ACCESS_KEY"]
+# Small and quick: 32 px, one epoch, no pretrained weights.
+TINY_TRAIN = ["-p", "epochs", "1", "-p", "image_size", "32", "-p", "batch_size", "16", "-p", "weights", "none",
+              "-p", "device", "cpu"]
+
+
+def python_source(cell_source: str) -> str:
+    """A cell as plain Python: IPython magics (`%matplotlib inline`) turned into calls."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    return TransformerManager().transform_cell(cell_source)
+
+
+def load(name: str) -> nbformat.NotebookNode:
+    return nbformat.read(ROOT / "notebooks" / NOTEBOOKS[name], as_version=4)
+
+
+def outputs_of(nb: nbformat.NotebookNode) -> list[dict]:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed notebooks
+
+
+@pytest.mark.parametrize("name", ["train", "test"])
+def test_notebook_shape(name):
+    nb = load(name)
+    nbformat.validate(nb)
+    assert nb.nbformat == 4
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code[0].metadata.get("tags") == ["parameters"]
+    assert not any("parameters" in c.metadata.get("tags", []) for c in code[1:])
+    for cell in code:
+        assert cell.outputs == [] and cell.execution_count is None, "notebooks are committed without outputs"
+        for node in ast.walk(ast.parse(python_source(cell.source))):
+            assert not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Lambda), (
+                f"{NOTEBOOKS[name]}: code belongs in xraylib, not in a notebook cell:\n{cell.source}"
+            )
+    # The parameters cell only assigns literals, one knob per name.
+    for node in ast.parse(code[0].source).body:
+        assert isinstance(node, ast.Assign)
+        ast.literal_eval(node.value)
+
+
+def test_notebook_parameters():
+    assert set(notebook_parameters(notebook_path("train"))) == TRAIN_PARAMETERS
+    assert notebook_parameters(notebook_path("train"))["preset"] is None
+    assert set(notebook_parameters(notebook_path("test"))) == TEST_PARAMETERS
+
+
+def test_notebooks_match_their_generator():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "build_notebooks.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, paths, tables
+
+
+def test_parse_parameters_like_papermill():
+    pairs = [["epochs", "3"], ["lr", "3e-4"], ["resume", "true"], ["augment", "False"], ["preset", "None"], ["weights", "none"],
+             ["data", "s3://bucket/chest_xray"], ["image_size", "-1"], ["name", "1.2.3"]]
+    assert parse_parameters(pairs) == {"epochs": 3, "lr": 3e-4, "resume": True, "augment": False, "preset": None,
+                                       "data": "s3://bucket/chest_xray", "weights": "none", "image_size": -1,
+                                       "name": "1.2.3"}
+    assert parse_parameters([]) == {}
+    with pytest.raises(ConfigError, match="identifier"):
+        parse_parameters([["not-a-name", "1"]])
+
+
+def test_notebook_path(tmp_path, monkeypatch):
+    assert notebook_path("train") == ROOT / "notebooks" / "train_classifier.ipynb"
+    assert notebook_path("test").name == "test_classifier.ipynb"
+    monkeypatch.chdir(tmp_path)  # not next to notebooks/: found next to the package
+    assert notebook_path("train") == ROOT / "notebooks" / "train_classifier.ipynb"
+    own = tmp_path / "mine.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(), own)
+    assert notebook_path(str(own)) == own
+    with pytest.raises(ConfigError, match=r"missing\.ipynb") as info:
+        notebook_path(str(tmp_path / "missing.ipynb"))
+    assert "tried" in str(info.value)
+
+
+def test_run_notebook_refuses_unknown_and_credential_parameters():
+    with pytest.raises(ConfigError, match=r"no parameter.*epoch.*takes"):
+        run_notebook("train", {"epoch": 3})
+    with pytest.raises(ConfigError, match="credentials"):
+        run_notebook("test", {"aws_secret_access_key": "x"})
+
+
+def test_tables():
+    metrics = {"accuracy": 0.9, "roc_auc": 0.95, "n_images": 10, "threshold": 0.5, "confusion_matrix": {}}
+    table = metrics_table(metrics, title="test")
+    assert [r[0] for r in table.rows] == ["accuracy", "roc_auc", "threshold", "n_images"]
+    assert "<td>0.9000</td>" in table._repr_html_()
+    assert "| accuracy | 0.9000 |" in table._repr_markdown_()
+    assert "roc_auc" in str(table)
+
+    split = SimpleNamespace(labels=[0, 1, 1], class_names=("NORMAL", "PNEUMONIA"))
+    counts = class_counts_table({"train": split})
+    assert counts.header == ("split", "NORMAL", "PNEUMONIA", "total")
+    assert counts.rows == (("train", "1", "2", "3"),)
+
+
+def test_progress_bars_are_collapsed():
+    text = "found 3\n\rbar 10%\rbar 100%\r        \r\nepoch 1 done\n\n"
+    assert collapse_progress(text) == "found 3\nbar 100%\nepoch 1 done\n\n"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x", outputs=[
+        nbformat.v4.new_output("stream", name="stderr", text="\rb 1/2"),
+        nbformat.v4.new_output("stream", name="stderr", text="\rb 2/2\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="done\n"),
+    ])]
+    outputs = nbformat.reads(tidy_outputs(nbformat.writes(nb)), as_version=4).cells[0].outputs
+    assert [(o.name, o.text) for o in outputs] == [("stderr", "b 2/2\n"), ("stdout", "done\n")]
+
+
+def test_scrub():
+    text = json.dumps({"text": ["key=s3cr/t\"x\n"]})
+    assert "s3cr" not in scrub(text, ["s3cr/t\"x"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Executing the notebooks for real: papermill, a kernel, the loopback S3 server
+
+
+def xraylib_cmd(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xraylib", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def trained(s3_server, tiny_dataset, tmp_path_factory):
+    """The tiny dataset in a bucket, and a model trained on it by `xraylib run train`."""
+    bucket = f"nb-{uuid.uuid4().hex[:12]}"
+    locals3.create_bucket(bucket)
+    data = f"s3://{bucket}/chest_xray"
+    storage.upload_directory(tiny_dataset, data)
+    env = {**os.environ, "XRAYLIB_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    run = f"s3://{bucket}/runs/tiny"
+    result = xraylib_cmd("run", "train", "-p", "data", data, "-p", "out", run, *TINY_TRAIN, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"bucket": bucket, "data": data, "run": run, "stdout": result.stdout, "env": env}
+
+
+def assert_executed_cleanly(nb: nbformat.NotebookNode) -> None:
+    assert nb.metadata["papermill"]["exception"] in (None, False)
+    errors = [o for o in outputs_of(nb) if o.output_type == "error"]
+    assert not errors, errors
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code)
+
+
+@pytest.mark.timeout(400)
+def test_train_notebook_runs_headless(trained):
+    executed = f"{trained['run']}/train_classifier.executed.ipynb"
+    assert trained["stdout"].strip().endswith(f"executed notebook written to {executed}")
+    assert "epoch 1/1" in trained["stdout"]  # the cells' output is echoed live
+    text = storage.read_bytes(executed).decode()
+    assert SECRET not in text
+    nb = nbformat.reads(text, as_version=4)
+    assert_executed_cleanly(nb)
+    assert nb.metadata["papermill"]["parameters"]["epochs"] == 1
+    pictures = [o for o in outputs_of(nb) if "image/png" in o.get("data", {})]
+    assert len(pictures) == 2  # sample images and training curves
+    html = [o for o in outputs_of(nb) if "text/html" in o.get("data", {})]
+    assert any("validation" in "".join(o.data["text/html"]) for o in html)  # the split counts
+    for name in ("model.pt", "checkpoint.pt", "history.json", "training_curves.png"):
+        assert storage.exists(f"{trained['run']}/{name}")
+
+
+@pytest.mark.timeout(300)
+def test_test_notebook_runs_with_output_on_s3(trained, capsys):
+    evaluation = f"{trained['run']}/evaluation"
+    report = f"s3://{trained['bucket']}/reports/test.ipynb"
+    assert run_notebook("test", {"model": trained["run"], "data": trained["data"], "out": evaluation},
+                        output=report) == report
+    text = storage.read_bytes(report).decode()
+    assert SECRET not in text
+    nb = nbformat.reads(text, as_version=4)
+    assert_executed_cleanly(nb)
+    pictures = [o for o in outputs_of(nb) if "image/png" in o.get("data", {})]
+    assert len(pictures) == 4  # confusion matrix, ROC, PR, mistakes
+    metrics = json.loads(storage.read_bytes(f"{evaluation}/metrics.json"))
+    assert set(metrics) >= METRIC_KEYS
+    assert metrics["n_images"] == 40
+    for name in ("predictions.csv", "confusion_matrix.png", "roc_curve.png", "pr_curve.png"):
+        assert storage.exists(f"{evaluation}/{name}")
+
+
+@pytest.mark.timeout(300)
+def test_plain_papermill_runs_the_notebooks(trained, tmp_path):
+    """`papermill notebook out.ipynb -p ...`, without xraylib in between: the python3 kernel of this env."""
+    papermill = Path(sys.executable).parent / "papermill"
+    out = tmp_path / "evaluation"
+    result = subprocess.run(
+        [str(papermill), str(ROOT / "notebooks" / "test_classifier.ipynb"), str(tmp_path / "executed.ipynb"),
+         "-p", "model", trained["run"], "-p", "data", trained["data"], "-p", "out", str(out)],
+        capture_output=True, text=True, timeout=240, env=trained["env"], cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_executed_cleanly(nbformat.read(tmp_path / "executed.ipynb", as_version=4))
+    assert set(json.loads((out / "metrics.json").read_text())) >= METRIC_KEYS
+
+
+@pytest.mark.timeout(300)
+def test_failing_cell_exits_non_zero_naming_the_cell(trained):
+    out = f"s3://{trained['bucket']}/runs/failed"
+    result = xraylib_cmd("run", "train", "-p", "data", f"s3://{trained['bucket']}/nothing-here", "-p", "out", out,
+                         *TINY_TRAIN, env=trained["env"], timeout=240)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("xraylib: error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert result.stderr.rstrip().endswith(errors[0])
+    message = errors[0]
+    assert "train_classifier.ipynb cell 5 (`display(class_counts_table(" in message
+    assert "DatasetError: no files found in s3://" in message
+    executed = f"{out}/train_classifier.executed.ipynb"
+    assert message.endswith(f"the executed notebook is at {executed}")
+    text = storage.read_bytes(executed).decode()  # kept, with the traceback
+    assert SECRET not in text
+    assert any(o.output_type == "error" for o in outputs_of(nbformat.reads(text, as_version=4)))
+
+
+@pytest.mark.timeout(120)
+def test_kernel_is_this_python_and_secrets_are_blanked(s3_server, tmp_path, monkeypatch):
+    # A `python3` kernelspec of some other environment, found first by a plain jupyter_client lookup.
+    other = tmp_path / "jupyter" / "kernels" / "python3"
+    other.mkdir(parents=True)
+    (other / "kernel.json").write_text(json.dumps({"argv": ["/nonexistent/python", "-m", "ipykernel_launcher", "-f",
+                                                            "{connection_file}"], "display_name": "other",
+                                                   "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("import os, sys\nprint(sys.executable)\nprint(os.environ['AWS_SECRET_ACCESS_KEY'])"),
+                nbformat.v4.new_code_cell("raise ValueError('bad ' + os.environ['AWS_SECRET_ACCESS_KEY'])")]
+    path = tmp_path / "leaky.ipynb"
+    nbformat.write(nb, path)
+    output = tmp_path / "leaky.executed.ipynb"
+    with pytest.raises(NotebookError) as info:
+        run_notebook(str(path), {}, output=str(output), echo=False)
+    assert "leaky.ipynb cell 1 (`raise ValueError('bad ' + os.environ['AWS_SECRET_ACCESS_KEY'])`) failed: ValueError: bad" \
+        in str(info.value)
+    assert SECRET not in str(info.value)
+    text = output.read_text()
+    assert SECRET not in text and "***" in text
+    executed = nbformat.reads(text, as_version=4)
+    assert executed.cells[1].outputs[0].text.splitlines()[0] == sys.executable
+    assert os.environ["JUPYTER_PATH"] == str(tmp_path / "jupyter")  # restored
+
+
+# ---------------------------------------------------------------------------------------------
+# JupyterLab serves the notebooks
+
+
+@pytest.mark.timeout(120)
+def test_jupyter_lab_lists_the_notebooks(tmp_path):
+    token = uuid.uuid4().hex
+    port = locals3.free_port()
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config")}
+    jupyter = Path(sys.executable).parent / "jupyter"
+    server = subprocess.Popen(
+        [str(jupyter), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={token}",
+         f"--ServerApp.root_dir={ROOT}", "--ServerApp.port_retries=0", *(["--allow-root"] if os.geteuid() == 0 else [])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path: str) -> dict:
+        request = urllib.request.Request(base + path, headers={"Authorization": f"token {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            try:
+                get("/api/status")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "JupyterLab did not answer within 90 s"
+                time.sleep(0.5)
+        listing = get("/api/contents/notebooks")
+        notebooks = {item["name"]: item["type"] for item in listing["content"]}
+        assert notebooks["train_classifier.ipynb"] == "notebook"
+        assert notebooks["test_classifier.ipynb"] == "notebook"
+        opened = get("/api/contents/notebooks/train_classifier.ipynb")
+        assert opened["content"]["metadata"]["kernelspec"]["name"] == "python3"
+        unauthorized = urllib.request.Request(base + "/api/contents/notebooks")
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(unauthorized, timeout=10)
+        assert denied.value.code == 403
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo, shrunk
+
+
+@pytest.mark.timeout(300)
+def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
+    from xraylib import demo
+
+    monkeypatch.setattr(demo, "IMAGE_SIZE", 32)
+    endpoint_before = os.environ.get("AWS_ENDPOINT_URL")
+    metrics = demo.run_demo(tmp_path / "demo", images_per_class=8, epochs=1)
+    files = {p.name for p in (tmp_path / "demo").iterdir()}
+    assert set(demo.TRAIN_FILES) | set(demo.EVAL_FILES) == files
+    assert json.loads((tmp_path / "demo" / "metrics.json").read_text()) == metrics
+    assert metrics["n_images"] == 8
+    for name in ("train_classifier.executed.ipynb", "test_classifier.executed.ipynb"):
+        text = (tmp_path / "demo" / name).read_text()
+        assert SECRET not in text
+        assert_executed_cleanly(nbformat.reads(text, as_version=4))
+    printed = capsys.readouterr().out
+    assert f"results in {tmp_path / 'demo'}" in printed and "accuracy" in printed
+    assert "local S3 server at http://127.0.0.1:" in printed
+    assert os.environ.get("AWS_ENDPOINT_URL") == endpoint_before  # the demo's server is gone, the environment restored
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_kernel_is_reported(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("print('starting')"), nbformat.v4.new_code_cell("import os\nos._exit(9)")]
+    path = tmp_path / "dies.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(NotebookError, match=r"dies\.ipynb: the kernel died .*lower batch_size"):
+        run_notebook(str(path), {}, output=str(tmp_path / "dies.executed.ipynb"), echo=False)
+    executed = nbformat.read(tmp_path / "dies.executed.ipynb", as_version=4)
+    assert executed.cells[0].outputs[0].text == "starting\n"

@@ -1,0 +1,145 @@
+"""Write notebooks/train_classifier.ipynb and notebooks/test_classifier.ipynb from the cells below.
+
+The notebooks are committed without outputs. Edit them here and run
+`.venv/bin/python tools/build_notebooks.py`; `--check` exits 1 when the committed files differ
+(tests/test_notebooks.py runs that check). Every code cell only calls into xraylib and shows the
+result; the first code cell, tagged `parameters`, holds every knob (papermill overrides it).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+
+KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+
+TRAIN = [
+    ("markdown", """# Train the pneumonia classifier
+
+Trains a ResNet50 to tell NORMAL from PNEUMONIA chest X-rays. The data is the Kaggle
+*Chest X-Ray Images (Pneumonia)* layout, `train/<NORMAL|PNEUMONIA>/*.jpeg`, in a local folder or
+under an `s3://bucket/prefix`. A validation split is held out from `train/` by patient; the model
+of the epoch with the best validation ROC AUC is saved to `out` as `model.pt`, with its decision
+threshold, next to `checkpoint.pt`, `history.json` and `training_curves.png`.
+
+Set the parameters below and run all cells, or run the notebook headless:
+`xraylib run train -p data s3://BUCKET/chest_xray -p out s3://BUCKET/runs/resnet50 -p epochs 3`.
+S3 credentials come from the environment (AWS profile, SageMaker role), never from this notebook."""),
+    ("parameters", """# Where the images are and where the results go: a local folder or s3://bucket/prefix.
+data = "chest_xray"  # the dataset root, holding train/NORMAL and train/PNEUMONIA
+out = "runs/resnet50"  # model.pt, checkpoint.pt, history.json and training_curves.png go here
+
+# None takes the default from xraylib.config, or from the preset.
+preset = None  # "cpu" (small, from scratch) or "gpu" (ImageNet weights, 224 px)
+epochs = None
+image_size = None  # pixels per side
+batch_size = None
+lr = None  # peak learning rate of the one-cycle schedule
+weights = None  # "imagenet", "none", or a weights file (local or s3://) when offline
+seed = None
+device = None  # "auto", "cpu" or "cuda\""""),
+    ("code", """%matplotlib inline
+from IPython.display import display
+
+from xraylib import config, dataset, plots
+from xraylib.notebooks import class_counts_table, metrics_table, settings_table
+from xraylib.training import train"""),
+    ("code", """cfg = config.make_train_config(preset=preset, data=data, out=out, epochs=epochs, image_size=image_size,
+                               batch_size=batch_size, lr=lr, weights=weights, seed=seed, device=device)
+display(settings_table(cfg))"""),
+    ("markdown", "## The data\n\nImages per class in the `train/` folder."),
+    ("code", """display(class_counts_table({"train/": dataset.list_images(data, split="train")}))"""),
+    ("markdown", """## Training
+
+One bar per epoch; a line per epoch with the training and validation loss and the validation
+ROC AUC. Every epoch is checkpointed, so an interrupted run continues with `resume=True`."""),
+    ("code", "result = train(cfg, progress=True)"),
+    ("markdown", """## Splits
+
+The validation images come from patients who have no image in the training split."""),
+    ("code", """display(class_counts_table({"train": result.data.train, "validation": result.data.val}))"""),
+    ("markdown", "## Sample training images"),
+    ("code", "display(plots.sample_images_figure(result.data.train))"),
+    ("markdown", "## Training curves"),
+    ("code", "display(plots.training_curves_figure(result.history))"),
+    ("markdown", """## The saved model
+
+Validation metrics of the best epoch, at the threshold chosen on validation. Evaluate it on the
+`test/` split with `test_classifier.ipynb`."""),
+    ("code", """print(f"best epoch {result.best_epoch} of {len(result.history)}; model saved to {result.model_location}")
+display(metrics_table(result.val_metrics, title="validation"))"""),
+]
+
+TEST = [
+    ("markdown", """# Evaluate the pneumonia classifier
+
+Evaluates a trained model on the `test/` split (images it has never seen) at the decision
+threshold chosen on validation. Writes `metrics.json`, `predictions.csv`, `confusion_matrix.png`,
+`roc_curve.png` and `pr_curve.png` to `out`.
+
+Headless: `xraylib run test -p model s3://BUCKET/runs/resnet50 -p data s3://BUCKET/chest_xray -p out s3://BUCKET/runs/resnet50/evaluation`."""),
+    ("parameters", """model = "runs/resnet50"  # a model file, or the `out` of a training run (local or s3://)
+data = "chest_xray"  # the dataset root holding test/, or a folder of class folders
+out = "runs/resnet50/evaluation"  # where metrics.json, predictions.csv and the pictures go"""),
+    ("code", """%matplotlib inline
+from IPython.display import display
+
+from xraylib import plots
+from xraylib.evaluate import evaluate_model
+from xraylib.notebooks import class_counts_table, metrics_table"""),
+    ("code", "evaluation = evaluate_model(model, data, out, progress=True)"),
+    ("code", """display(class_counts_table({"test": evaluation}))"""),
+    ("markdown", "## Metrics"),
+    ("code", """display(metrics_table(evaluation.metrics, title="test"))"""),
+    ("markdown", "## Confusion matrix\n\nRows: the true class; columns: what the model said."),
+    ("code", "display(plots.confusion_matrix_figure(evaluation.metrics, evaluation.class_names))"),
+    ("markdown", "## ROC and precision-recall curves"),
+    ("code", "display(plots.roc_curve_figure(evaluation.labels, evaluation.probabilities))"),
+    ("code", "display(plots.pr_curve_figure(evaluation.labels, evaluation.probabilities))"),
+    ("markdown", "## The most confidently wrong images"),
+    ("code", "display(plots.confident_mistakes_figure(evaluation))"),
+]
+
+
+def build(cells: list[tuple[str, str]], prefix: str) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}}
+    for i, (kind, source) in enumerate(cells):
+        cell_id = f"{prefix}-{i:02d}"
+        if kind == "markdown":
+            nb.cells.append(nbformat.v4.new_markdown_cell(source, id=cell_id))
+        else:
+            cell = nbformat.v4.new_code_cell(source, id=cell_id)
+            if kind == "parameters":
+                cell.metadata["tags"] = ["parameters"]
+            nb.cells.append(cell)
+    nbformat.validate(nb)
+    return nb
+
+
+NOTEBOOKS = {"train_classifier.ipynb": (TRAIN, "train"), "test_classifier.ipynb": (TEST, "test")}
+
+
+def rendered() -> dict[Path, str]:
+    return {NOTEBOOK_DIR / name: nbformat.writes(build(cells, prefix)) + "\n" for name, (cells, prefix) in NOTEBOOKS.items()}
+
+
+def main(argv: list[str]) -> int:
+    stale = [path for path, text in rendered().items() if not path.exists() or path.read_text(encoding="utf-8") != text]
+    if "--check" in argv:
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} differs from tools/build_notebooks.py: run it to rebuild", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in rendered().items():
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
