@@ -3,7 +3,6 @@ a fresh bucket per test, an isolated cache, and generated datasets."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -16,16 +15,8 @@ REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ch
 
 @pytest.fixture(scope="session")
 def s3_server():
-    server = locals3.start_local_s3()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    yield server
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    server.stop()
+    with locals3.local_s3_server() as server:
+        yield server
 
 
 @pytest.fixture
