@@ -166,3 +166,62 @@ def test_patient_ids_group_every_image_of_one_patient(patient, image, series, ki
     assert dataset.patient_id(f"PNEUMONIA/person{patient}_{kind}_{image}.jpeg") == f"PERSON{patient}"
     assert dataset.patient_id(f"{prefix}IM-{patient:04d}-{series:04d}.jpeg") == f"{prefix}IM-{patient:04d}"
     assert dataset.patient_id(f"person{patient}_{kind}_{image}.jpeg") != dataset.patient_id(f"person{patient + 1}_{kind}_1.jpeg")
+
+
+class _CannedS3:
+    """An HTTP server that answers every request with one S3 error, as AWS sends it: for the
+    failures a local S3 server cannot produce (a bucket in another region, expired credentials)."""
+
+    def __init__(self, status: int, code: str, extra_xml: str = "", headers: dict[str, str] | None = None) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{code}</Message>'
+                f"{extra_xml}<RequestId>R1</RequestId></Error>").encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_HEAD = do_POST = _answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "extra", "headers", "expected"),
+    [
+        (301, "PermanentRedirect", "<Bucket>scans</Bucket>", {"x-amz-bucket-region": "eu-west-1"},
+         "bucket 'scans' is in another region than the one configured (s3://scans/train): set AWS_DEFAULT_REGION=eu-west-1"),
+        (400, "AuthorizationHeaderMalformed", "<Region>ap-south-1</Region>", {},
+         "set AWS_DEFAULT_REGION=ap-south-1"),
+        (400, "ExpiredToken", "", {}, "AWS credentials have expired reading s3://scans/train"),
+    ],
+)
+def test_wrong_region_and_expired_credentials_are_one_clear_line(status, code, extra, headers, expected, tmp_path, s3_server):
+    canned = _CannedS3(status, code, extra, headers)
+    try:
+        line = _cli_error({"AWS_ENDPOINT_URL": canned.url}, "train", "--data", "s3://scans/train", "--out", str(tmp_path / "o"))
+    finally:
+        canned.close()
+    assert expected in line
