@@ -23,6 +23,7 @@ from typing import Any
 
 from xraylib import config, dataset, storage
 from xraylib.config import TrainConfig
+from xraylib.errors import ConfigError
 from xraylib.evaluate import choose_threshold, compute_metrics, predict_probabilities
 from xraylib.model import autocast, autocast_dtype, build_resnet50, model_metadata, model_to_bytes, resolve_device
 
@@ -75,8 +76,6 @@ def train_one_epoch(
     if bar is not None:
         bar.close()
     if not torch.isfinite(torch.tensor(total)):
-        from xraylib.errors import ConfigError
-
         raise ConfigError("training loss became NaN or infinite: lower the learning rate (--lr)")
     return total / max(seen, 1)
 
@@ -164,8 +163,6 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
     if cfg.resume and checkpoint is None:
         log(f"no checkpoint in {out}: starting from the first epoch")
     if checkpoint is not None and json.loads(checkpoint["config_json"])["data"] != cfg.data:
-        from xraylib.errors import ConfigError
-
         raise ConfigError(f"the checkpoint in {out} was trained on other data: use a new --out, or drop --resume")
 
     torch.manual_seed(cfg.seed)
