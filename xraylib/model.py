@@ -65,11 +65,8 @@ def _initial_state(weights: str) -> dict[str, Any] | None:
                 "offline, download that file elsewhere and pass --weights PATH (local or s3://), or use --weights none"
             ) from None
     state = _load_tensors(weights)
-    if state.get("format") == FORMAT_NAME:
-        return state["state_dict"]
-    if isinstance(state.get("state_dict"), dict):
-        return state["state_dict"]
-    return state
+    # An xraylib model file (or a training checkpoint of another tool) nests its weights.
+    return state["state_dict"] if isinstance(state.get("state_dict"), dict) else state
 
 
 def _resnet50_two_class() -> Any:
