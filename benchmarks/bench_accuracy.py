@@ -1,13 +1,15 @@
 """Accuracy of a training recipe on real chest X-rays, measured on patients it never saw.
 
-    python benchmarks/bench_accuracy.py [--s3] [--data FOLDER] -- --preset cpu --weights none
+    python benchmarks/bench_accuracy.py [--s3] [--tta] [--data FOLDER] -- --preset cpu --weights none
 
 Holds out 15% of the patients of the data folder (default: the real training images in
 ../shared/data) as `test/`, runs `xraylib train` with the flags after `--` on the rest (which
 holds out its own validation split by patient), then `xraylib evaluate` on the held-out patients.
 With `--s3` the data goes through `xraylib upload` to a loopback S3 server first, and training
-and evaluation read from there. Prints the validation metrics of the kept epoch, the held-out
-metrics and the wall time of each step.
+and evaluation read from there. With `--tta`, both the validation split and the held-out
+patients are also scored with test-time augmentation. Prints the validation metrics of the kept
+epoch, the held-out metrics and the wall time of each step. `bench_ablations.py` runs several
+recipes through `run_recipe`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -25,49 +28,88 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import make_holdout_root, real_train_folder, timed
 
-from xraylib import locals3, storage
+from xraylib import dataset, locals3, storage
 from xraylib.model import load_model
 
 KEYS = ("accuracy", "sensitivity", "specificity", "roc_auc", "pr_auc", "threshold")
 
 
-def _line(metrics: dict) -> str:
+def metrics_line(metrics: dict) -> str:
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in KEYS) + f", n_images {metrics['n_images']}"
+
+
+def make_validation_folder(root: Path, dest: Path, val_fraction: float = 0.15, seed: int = 0) -> Path:
+    """`dest/<CLASS>/`: the validation split `xraylib train` makes of `root/train/` with these
+    defaults, laid out as symlinks so that `xraylib evaluate` can score it."""
+    _, val = dataset.split_by_patient(dataset.list_images(str(root), split="train"), val_fraction, seed)
+    for record in val.records:
+        link = dest / record.obj.relpath
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(record.obj.location).resolve())
+    return dest
+
+
+def xraylib(*command: str, env: dict[str, str]) -> None:
+    print("$ xraylib " + " ".join(command), flush=True)
+    subprocess.run([sys.executable, "-m", "xraylib", *command], check=True, env=env)
+
+
+def run_recipe(data: str, work: str, train_flags: list[str], *, env: dict[str, str], tta: bool = False,
+               val_folder: Path | None = None) -> dict:
+    """Train with `train_flags` on `data`, evaluate on its `test/` split (and, with `tta`, on
+    `val_folder` and `test/` with test-time augmentation). Returns metrics and wall times."""
+    out, results = storage.join(work, "run"), storage.join(work, "eval")
+    times: dict[str, float] = {}
+    with timed("train", times):
+        xraylib("train", "--data", data, "--out", out, *train_flags, env=env)
+    with timed("evaluate", times):
+        xraylib("evaluate", "--model", out, "--data", data, "--out", results, env=env)
+    report = {"flags": train_flags, "times": times, "val": load_model(out).metadata["val_metrics"],
+              "held_out": json.loads(storage.read_bytes(storage.join(results, "metrics.json")))}
+    if tta:
+        for name, where in (("val_plain", str(val_folder)), ("val_tta", str(val_folder)), ("held_out_tta", data)):
+            started = time.perf_counter()
+            target = storage.join(work, name)
+            xraylib("evaluate", "--model", out, "--data", where, "--out", target,
+                    *(["--tta"] if name.endswith("tta") else []), env=env)
+            report[name] = json.loads(storage.read_bytes(storage.join(target, "metrics.json")))
+            times[f"evaluate {name}"] = time.perf_counter() - started
+    return report
+
+
+def print_report(report: dict) -> None:
+    print(f"validation (best epoch): {metrics_line(report['val'])}")
+    print(f"held-out patients:       {metrics_line(report['held_out'])}")
+    for name in ("val_plain", "val_tta", "held_out_tta"):
+        if name in report:
+            print(f"{name + ':':<25}{metrics_line(report[name])}")
+    print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in report["times"].items()), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--s3", action="store_true", help="upload to a loopback S3 server and read from there")
+    parser.add_argument("--tta", action="store_true", help="also score validation and held-out with --tta")
     parser.add_argument("--data", type=Path, default=None, help="folder of NORMAL/ and PNEUMONIA/ (default: real images)")
     parser.add_argument("train_flags", nargs="*", help="flags for `xraylib train`, after --")
     args = parser.parse_args()
     source = args.data or real_train_folder()
-    times: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp, locals3.local_s3_server() if args.s3 else nullcontext():
         root = Path(tmp) / "chest_xray"
         n_train, n_test = make_holdout_root(source, root)
         print(f"held out {n_test} images by patient as test/; {n_train} left in train/", flush=True)
+        val_folder = make_validation_folder(root, Path(tmp) / "val") if args.tta else None
         env = {**os.environ, "XRAYLIB_CACHE_DIR": os.environ.get("XRAYLIB_CACHE_DIR", str(Path(tmp) / "cache"))}
-
-        def run(*command: str) -> None:
-            print("$ xraylib " + " ".join(command), flush=True)
-            subprocess.run([sys.executable, "-m", "xraylib", *command], check=True, env=env)
-
-        data, out, results = str(root), str(Path(tmp) / "run"), str(Path(tmp) / "eval")
+        data, work = str(root), str(Path(tmp) / "work")
+        upload: dict[str, float] = {}
         if args.s3:
             locals3.create_bucket("xray-bench")
-            data, out, results = "s3://xray-bench/chest_xray", "s3://xray-bench/runs/bench", "s3://xray-bench/eval/bench"
-            with timed("upload", times):
-                run("upload", str(root), data)
-        with timed("train", times):
-            run("train", "--data", data, "--out", out, *args.train_flags)
-        with timed("evaluate", times):
-            run("evaluate", "--model", out, "--data", data, "--out", results)
-        val = load_model(out).metadata["val_metrics"]
-        held_out = json.loads(storage.read_bytes(storage.join(results, "metrics.json")))
-    print(f"validation (best epoch): {_line(val)}")
-    print(f"held-out patients:       {_line(held_out)}")
-    print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+            data, work = "s3://xray-bench/chest_xray", "s3://xray-bench/work"
+            with timed("upload", upload):
+                xraylib("upload", str(root), data, env=env)
+        report = run_recipe(data, work, args.train_flags, env=env, tta=args.tta, val_folder=val_folder)
+        report["times"] = {**upload, **report["times"]}
+    print_report(report)
 
 
 if __name__ == "__main__":

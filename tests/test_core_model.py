@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from xraylib import storage
 from xraylib.errors import ModelFileError
@@ -38,6 +42,35 @@ def test_save_to_s3_and_load_gives_identical_predictions(bucket):
         assert loaded.threshold == 0.4 and loaded.class_names == ("NORMAL", "PNEUMONIA") and loaded.image_size == 32
         assert torch.equal(torch.from_numpy(predict_probabilities(loaded.network, pixels, **kwargs)), torch.from_numpy(before))
     assert set(loaded.metadata["versions"]) >= {"xraylib", "torch", "torchvision", "python"}
+
+
+def test_resnet50_is_torchvisions_network():
+    """Same parameter names and shapes, same seeded initialisation, same outputs."""
+    from torchvision.models import resnet50
+
+    from xraylib.resnet import ResNet50
+
+    torch.manual_seed(3)
+    theirs = resnet50(num_classes=2).eval()
+    torch.manual_seed(3)
+    ours = ResNet50(num_classes=2).eval()
+    theirs_state, ours_state = theirs.state_dict(), ours.state_dict()
+    assert list(ours_state) == list(theirs_state)
+    assert all(torch.equal(ours_state[k], theirs_state[k]) for k in theirs_state)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_predicting_does_not_import_torchvision(tmp_path):
+    """torchvision and torch._dynamo cost seconds to import; a cold `xraylib predict` must not pay for them."""
+    save_model(str(tmp_path / "model.pt"), build_resnet50("none"), _metadata())
+    Image.fromarray(np.full((40, 40), 128, np.uint8)).save(tmp_path / "x.jpeg")
+    code = ("import sys; from xraylib.evaluate import predict_images; "
+            f"print(predict_images({str(tmp_path / 'model.pt')!r}, [{str(tmp_path / 'x.jpeg')!r}])[0].label); "
+            "print('torchvision' in sys.modules or 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] in ("NORMAL", "PNEUMONIA") and out[1] == "False"
 
 
 def test_weights_file_from_s3_or_disk_initialises_the_backbone(bucket, tmp_path):
@@ -100,3 +133,21 @@ def test_files_that_are_not_models_get_a_clear_error(tmp_path):
     torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
     with pytest.raises(ModelFileError, match=r"wrong\.pth does not hold ResNet50 weights"):
         build_resnet50(str(tmp_path / "wrong.pth"))
+
+
+def test_test_time_augmentation_averages_views_of_the_same_image():
+    from xraylib import config as xconfig
+    from xraylib.dataset import affine_batch
+
+    torch.manual_seed(4)
+    net = build_resnet50("none").eval()
+    kwargs = {"mean": xconfig.IMAGENET_MEAN, "std": xconfig.IMAGENET_STD}
+    flat = torch.full((2, 48, 48), 90, dtype=torch.uint8)  # every view of a flat image is the same image
+    assert np.allclose(predict_probabilities(net, flat, tta=True, **kwargs), predict_probabilities(net, flat, **kwargs),
+                       atol=1e-5)
+    ramp = torch.arange(48, dtype=torch.uint8).mul(5).expand(48, 48).T.contiguous()
+    structured = torch.stack([ramp, ramp.flip(0)])
+    plain, averaged = (predict_probabilities(net, structured, tta=t, **kwargs) for t in (False, True))
+    assert not np.allclose(plain, averaged, atol=1e-6) and ((averaged > 0) & (averaged < 1)).all()
+    identity = affine_batch(structured, angle=0.0, scale=1.0, shift_x=0.0, shift_y=0.0)
+    assert torch.allclose(identity[:, 0] * 255, structured.float(), atol=1e-3)

@@ -82,3 +82,19 @@ def test_run_killed_with_sigkill_resumes_and_finishes_every_epoch(tmp_path, tiny
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 3
     load_model(str(out))
+
+
+@pytest.mark.timeout(300)
+def test_with_ema_the_kept_model_is_the_moving_average(tmp_path, tiny_dataset):
+    out = tmp_path / "run"
+    cfg = config.make_train_config(data=str(tiny_dataset), out=str(out), epochs=1, image_size=32, batch_size=16,
+                                   weights="none", ema_decay=0.9)
+    train(cfg, log=lambda _: None, progress=False)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    averaged = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
+    raw = checkpoint["model"]
+    kept = load_model(str(out)).network.state_dict()
+    assert kept.keys() == raw.keys() == averaged.keys()
+    assert all(torch.equal(kept[k], averaged[k]) for k in raw)  # the file holds the average...
+    assert not torch.equal(kept["conv1.weight"], raw["conv1.weight"])  # ...not the last step's weights
+    assert int(checkpoint["ema"]["n_averaged"]) > 1

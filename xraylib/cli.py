@@ -29,6 +29,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, lr=args.lr, weights=args.weights, seed=args.seed, device=args.device,
         precision=args.precision, resume=args.resume or None, skip_bad=args.skip_bad or None,
         freeze_backbone=args.freeze_backbone or None, val_fraction=args.val_fraction,
+        label_smoothing=args.label_smoothing, ema_decay=args.ema_decay, augment=False if args.no_augment else None,
     )
     train(cfg, progress=sys.stderr.isatty())
 
@@ -37,7 +38,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from xraylib.evaluate import evaluate_model
 
     evaluation = evaluate_model(args.model, args.data, args.out, skip_bad=args.skip_bad, device=args.device,
-                                progress=sys.stderr.isatty())
+                                tta=args.tta, progress=sys.stderr.isatty())
     m = evaluation.metrics
     print(f"{m['n_images']} images: accuracy {m['accuracy']:.4f}, sensitivity {m['sensitivity']:.4f}, "
           f"specificity {m['specificity']:.4f}, ROC AUC {m['roc_auc']:.4f}, PR AUC {m['pr_auc']:.4f} "
@@ -87,6 +88,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help=f"peak learning rate, default {defaults.lr}")
     p.add_argument("--weights", help=f"imagenet, none, or a weights file (local or s3://); default {defaults.weights}")
     p.add_argument("--freeze-backbone", action="store_true", help="train only the new head")
+    p.add_argument("--label-smoothing", type=float, help=f"default {defaults.label_smoothing}")
+    p.add_argument("--ema-decay", type=float,
+                   help=f"validate and keep an exponential moving average of the weights, e.g. 0.995; "
+                        f"default {defaults.ema_decay} (off)")
+    p.add_argument("--no-augment", action="store_true", help="train without random rotations, shifts, zoom and contrast")
     p.add_argument("--val-fraction", type=float, help=f"share of patients held out, default {defaults.val_fraction}")
     p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -101,6 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root (holding test/) or a folder of class folders")
     p.add_argument("--out", required=True, help="where metrics.json, the pictures and predictions.csv go")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--tta", action="store_true", help="average over slightly rotated and zoomed views (5x slower)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and report) images that cannot be decoded")
     p.set_defaults(func=cmd_evaluate)
 

@@ -34,6 +34,9 @@ S3_WORKERS = 16
 S3_MAX_ATTEMPTS = 6
 S3_RETRY_SECONDS = 60.0
 EVAL_BATCH_SIZE = 64
+# Test-time augmentation: (degrees, zoom, shift x, shift y) of each view whose probabilities are
+# averaged; the identity plus mild versions of what training augmentation does.
+TTA_VIEWS = ((0.0, 1.0, 0.0, 0.0), (0.0, 1.05, 0.0, 0.0), (0.0, 0.95, 0.0, 0.0), (5.0, 1.0, 0.0, 0.0), (-5.0, 1.0, 0.0, 0.0))
 
 
 def default_cache_dir() -> Path:
@@ -60,6 +63,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     augment: bool = True
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0
     resume: bool = False
     skip_bad: bool = False
     preset: str | None = None
@@ -73,6 +77,7 @@ class TrainConfig:
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (0 < self.val_fraction < 1, f"val_fraction must be between 0 and 1, got {self.val_fraction}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (0 turns it off), got {self.ema_decay}"),
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"),
              f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"),

@@ -311,6 +311,24 @@ def to_model_input(pixels: Any, mean: Sequence[float], std: Sequence[float]) -> 
 def augment_batch(pixels: Any, generator: Any = None) -> Any:
     """Small random rotations, shifts, zoom and contrast changes, as radiographs vary; no flips
     (the heart is on the left). uint8 [B, H, W] in, float [B, 1, H, W] in 0..1 out."""
+    import torch
+
+    b = pixels.shape[0]
+
+    def uniform(lo: float, hi: float) -> Any:
+        return torch.rand(b, generator=generator) * (hi - lo) + lo
+
+    x = affine_batch(pixels, angle=uniform(-10, 10), scale=uniform(0.9, 1.1), shift_x=uniform(-0.06, 0.06),
+                     shift_y=uniform(-0.06, 0.06))
+    contrast = uniform(0.85, 1.15).view(b, 1, 1, 1)
+    brightness = uniform(-0.08, 0.08).view(b, 1, 1, 1)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean + brightness).clamp_(0, 1)
+
+
+def affine_batch(pixels: Any, *, angle: Any, scale: Any, shift_x: Any, shift_y: Any) -> Any:
+    """Rotate (degrees), zoom and shift (fractions of the side) each image; numbers or one per image.
+    uint8 [B, H, W] in, float [B, 1, H, W] in 0..1 out; edges are extended, not filled with black."""
     import math
 
     import torch
@@ -319,20 +337,14 @@ def augment_batch(pixels: Any, generator: Any = None) -> Any:
     x = pixels.unsqueeze(1).float().div_(255.0)
     b = x.shape[0]
 
-    def uniform(lo: float, hi: float) -> Any:
-        return torch.rand(b, generator=generator) * (hi - lo) + lo
+    def per_image(value: Any) -> Any:
+        return torch.as_tensor(value, dtype=torch.float32, device=x.device).expand(b)
 
-    angle = uniform(-10, 10) * math.pi / 180
-    scale = uniform(0.9, 1.1)
-    tx, ty = uniform(-0.06, 0.06), uniform(-0.06, 0.06)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    radians = per_image(angle) * (math.pi / 180)
+    cos, sin = torch.cos(radians) / per_image(scale), torch.sin(radians) / per_image(scale)
+    theta = torch.stack([torch.stack([cos, -sin, per_image(shift_x)], 1), torch.stack([sin, cos, per_image(shift_y)], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    contrast = uniform(0.85, 1.15).view(b, 1, 1, 1)
-    brightness = uniform(-0.08, 0.08).view(b, 1, 1, 1)
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    return ((x - mean) * contrast + mean + brightness).clamp_(0, 1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def report_skipped(skipped: list[tuple[str, str]], log: Callable[[str], None] = print) -> None:
@@ -346,6 +358,7 @@ __all__ = [
     "ImageIndex",
     "ImageRecord",
     "LoadedImages",
+    "affine_batch",
     "augment_batch",
     "decode_image",
     "iter_batches",

@@ -32,8 +32,10 @@ def predict_probabilities(
     batch_size: int = config.EVAL_BATCH_SIZE,
     device: Any = None,
     amp_dtype: Any = None,
+    tta: bool = False,
 ) -> np.ndarray:
-    """P(positive class) for each uint8 [H, W] image in `pixels` ([N, H, W])."""
+    """P(positive class) for each uint8 [H, W] image in `pixels` ([N, H, W]); with `tta`, the
+    mean over the views in `config.TTA_VIEWS`."""
     import torch
 
     device = device or next(network.parameters()).device
@@ -42,8 +44,12 @@ def predict_probabilities(
     out = []
     with torch.inference_mode(), autocast(device, amp_dtype):
         for start in range(0, len(pixels), batch_size):
-            x = dataset.to_model_input(pixels[start:start + batch_size].to(device), mean, std)
-            out.append(torch.softmax(network(x).float(), dim=1)[:, 1].cpu())
+            batch = pixels[start:start + batch_size].to(device)
+            views = [batch] if not tta else [
+                dataset.affine_batch(batch, angle=a, scale=z, shift_x=sx, shift_y=sy) for a, z, sx, sy in config.TTA_VIEWS
+            ]
+            probs = [torch.softmax(network(dataset.to_model_input(v, mean, std)).float(), dim=1)[:, 1] for v in views]
+            out.append(torch.stack(probs).mean(0).cpu())
     network.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
@@ -121,14 +127,15 @@ class Evaluation:
 
 
 def evaluate_loaded(
-    model: TrainedModel, data: dataset.LoadedImages, *, device: str = "auto", precision: str = "auto"
+    model: TrainedModel, data: dataset.LoadedImages, *, device: str = "auto", precision: str = "auto", tta: bool = False
 ) -> Evaluation:
     torch_device = resolve_device(device)
     network = inference_network(model.network.to(torch_device))
     probs = predict_probabilities(network, data.pixels, mean=model.mean, std=model.std, device=torch_device,
-                                  amp_dtype=autocast_dtype(torch_device, precision))
+                                  amp_dtype=autocast_dtype(torch_device, precision), tta=tta)
     labels = data.labels.numpy()
     metrics = compute_metrics(labels, probs, model.threshold)
+    metrics["tta_views"] = len(config.TTA_VIEWS) if tta else 1
     metrics["class_names"] = list(data.class_names)
     metrics["skipped_images"] = len(data.skipped)
     return Evaluation(metrics, labels, probs, [r.obj.location for r in data.records], data.class_names,
@@ -170,14 +177,17 @@ def evaluate_model(
     *,
     skip_bad: bool = False,
     device: str = "auto",
+    tta: bool = False,
     progress: bool = False,
 ) -> Evaluation:
     """Evaluate a model (file, `train --out` location, or loaded) on the `test/` split of a
-    dataset root, or on a folder of class folders; write the results to `out` if given."""
+    dataset root, or on a folder of class folders; write the results to `out` if given. With
+    `tta`, each probability is the mean over the views in `config.TTA_VIEWS` (5x the compute);
+    the threshold stays the one chosen at training."""
     trained = load_model(model) if isinstance(model, str) else model
     index = dataset.list_images(data, split="test")
     loaded = dataset.load_images(index, trained.image_size, skip_bad=skip_bad, progress=progress)
-    evaluation = evaluate_loaded(trained, loaded, device=device)
+    evaluation = evaluate_loaded(trained, loaded, device=device, tta=tta)
     if out is not None:
         write_evaluation(evaluation, out)
     return evaluation

@@ -1,7 +1,8 @@
 """The network and the model file.
 
-`build_resnet50` makes a torchvision ResNet50 with a two-class head, starting from ImageNet
-weights (for users who are online), from a weights file (local or S3), or from nothing.
+`build_resnet50` makes a ResNet50 (torchvision's, written out in `resnet.py`) with a two-class
+head, starting from ImageNet weights (for users who are online), from a weights file (local or
+S3), or from nothing.
 
 A model file holds the weights and all that is needed to use them: class names, preprocessing,
 decision threshold, training parameters, validation metrics, library versions. It is a
@@ -69,13 +70,10 @@ def _initial_state(weights: str) -> dict[str, Any] | None:
     return state["state_dict"] if isinstance(state.get("state_dict"), dict) else state
 
 
-def _resnet50_two_class() -> Any:
-    import torch
-    from torchvision.models import resnet50
+def _resnet50_two_class(*, initialise: bool = True) -> Any:
+    from xraylib.resnet import ResNet50
 
-    network = resnet50(weights=None)
-    network.fc = torch.nn.Linear(network.fc.in_features, 2)
-    return network
+    return ResNet50(num_classes=2, initialise=initialise)
 
 
 def build_resnet50(weights: str = "none", *, freeze_backbone: bool = False) -> Any:
@@ -153,12 +151,17 @@ def autocast(device: Any, dtype: Any) -> Iterator[None]:
 
 
 def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
-    import torchvision
 
     from xraylib import __version__
 
-    return {"xraylib": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    try:
+        torchvision = version("torchvision")  # not imported: only ImageNet weights need it
+    except PackageNotFoundError:
+        torchvision = "not installed"
+    return {"xraylib": __version__, "torch": torch.__version__, "torchvision": torchvision,
             "python": platform.python_version()}
 
 
@@ -252,7 +255,7 @@ def load_model(location: str, device: str = "cpu") -> TrainedModel:
     import torch
 
     with torch.device("meta"):  # no random initialisation: every tensor comes from the file
-        network = _resnet50_two_class()
+        network = _resnet50_two_class(initialise=False)
     try:
         network.load_state_dict(archive["state_dict"], assign=True)
     except RuntimeError as exc:

@@ -2,8 +2,9 @@
 
 A run reads the `train/` split, holds out a validation split by patient, trains a ResNet50 with
 a class-weighted loss, AdamW and a one-cycle schedule, validates every epoch, keeps the epoch
-with the best validation ROC AUC and picks the decision threshold on validation. It writes
-into the output location:
+with the best validation ROC AUC and picks the decision threshold on validation. With
+`ema_decay`, an exponential moving average of the weights is what gets validated and kept. It
+writes into the output location:
 
 - `model.pt`: the best model so far, with its metadata (see `model.py`);
 - `checkpoint.pt`: the state after the last finished epoch, for `resume`;
@@ -42,9 +43,11 @@ def train_one_epoch(
     amp_dtype: Any,
     augment: bool,
     generator: Any,
+    ema: Any = None,
     progress: str | None = None,
 ) -> float:
-    """One pass over `data` in a random order; returns the mean training loss."""
+    """One pass over `data` in a random order; returns the mean training loss. `ema`, a
+    `torch.optim.swa_utils.AveragedModel` of `network`, is updated after every step."""
     import torch
 
     network.train()
@@ -68,6 +71,8 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(network)
         total += float(loss.detach()) * len(labels)
         seen += len(labels)
         if bar is not None:
@@ -180,11 +185,21 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                     pct_start=0.15)
     generator = torch.Generator().manual_seed(cfg.seed)
+    ema = None
+    if cfg.ema_decay:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     history: list[dict[str, Any]] = []
     best = {"epoch": 0, "roc_auc": -1.0, "metrics": {}}
     first_epoch = 1
     if checkpoint is not None:
         network.load_state_dict(checkpoint["model"])
+        if ema is not None:
+            if "ema" not in checkpoint:
+                raise ConfigError(f"the checkpoint in {out} was trained without --ema-decay: "
+                                  "resume without it, or use a new --out")
+            ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         generator.set_state(checkpoint["generator"])
@@ -200,8 +215,10 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
         started = time.perf_counter()
         train_loss = train_one_epoch(network, optimizer, scheduler, loss_fn, data.train, batch_size=cfg.batch_size,
                                      device=device, amp_dtype=amp_dtype, augment=cfg.augment, generator=generator,
-                                     progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
-        val = validate(network, loss_fn, data.val, device=device, amp_dtype=amp_dtype)
+                                     ema=ema, progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
+        # With an EMA, the averaged weights are the ones validated and kept.
+        kept = network if ema is None else ema.module
+        val = validate(kept, loss_fn, data.val, device=device, amp_dtype=amp_dtype)
         seconds = time.perf_counter() - started
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
                "val_roc_auc": val["chosen"]["roc_auc"], "val_accuracy": val["at_half"]["accuracy"],
@@ -218,8 +235,8 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
                                       threshold=val["chosen"]["threshold"], train_config=cfg.to_dict(),
                                       best_epoch=epoch, val_metrics=val["chosen"],
                                       data_counts={"train": len(data.train), "val": len(data.val)})
-            storage.write_bytes(model_loc, model_to_bytes(network, metadata))
-        _save_checkpoint(checkpoint_loc, network, optimizer, scheduler, generator, epoch, history, best, cfg)
+            storage.write_bytes(model_loc, model_to_bytes(kept, metadata))
+        _save_checkpoint(checkpoint_loc, network, ema, optimizer, scheduler, generator, epoch, history, best, cfg)
         _write_history(out, history)
 
     log(f"best epoch {best['epoch']}: validation ROC AUC {best['roc_auc']:.4f}, accuracy "
@@ -228,12 +245,13 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
     return TrainResult(model_loc, history, int(best["epoch"]), best["metrics"], data)
 
 
-def _save_checkpoint(location: str, network: Any, optimizer: Any, scheduler: Any, generator: Any, epoch: int,
+def _save_checkpoint(location: str, network: Any, ema: Any, optimizer: Any, scheduler: Any, generator: Any, epoch: int,
                      history: list[dict[str, Any]], best: dict[str, Any], cfg: TrainConfig) -> None:
     import torch
 
     buffer = io.BytesIO()
-    torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(),
+    torch.save({"model": network.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {}),
+                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "epoch": epoch,
                 "history_json": json.dumps(history), "best_json": json.dumps(best),
                 "config_json": json.dumps(cfg.to_dict())}, buffer)
