@@ -95,3 +95,17 @@ def test_importing_xraylib_loads_nothing_heavy():
     code = "import sys, xraylib; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'boto3', 'botocore')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]"
+
+
+def test_every_training_parameter_has_a_train_flag(capsys):
+    import dataclasses
+
+    from xraylib import config
+    from xraylib.cli import get_args_parser
+
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["train", "--help"])
+    usage = capsys.readouterr().out
+    flags = {f.name: "--no-augment" if f.name == "augment" else "--" + f.name.replace("_", "-")
+             for f in dataclasses.fields(config.TrainConfig)}
+    assert [flag for flag in flags.values() if flag not in usage] == []

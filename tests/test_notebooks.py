@@ -4,6 +4,7 @@ server, failures naming the cell, no credentials in executed notebooks, JupyterL
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 
-from xraylib import locals3, storage
+from xraylib import config, locals3, storage
 from xraylib.errors import ConfigError
 from xraylib.notebooks import (
     NOTEBOOKS,
@@ -34,8 +35,8 @@ from xraylib.notebooks import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_PARAMETERS = {"data", "out", "epochs", "image_size", "batch_size", "lr", "weights", "seed", "device", "preset"}
-TEST_PARAMETERS = {"model", "data", "out"}
+TRAIN_PARAMETERS = {f.name for f in dataclasses.fields(config.TrainConfig)}  # every knob, as in the CLI
+TEST_PARAMETERS = {"model", "data", "out", "tta"}
 METRIC_KEYS = {"accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc", "threshold", "n_images",
                "confusion_matrix", "class_names"}
 SECRET = locals3.LOCAL_ENV["AWS_SECRET_ACCESS_KEY"]

@@ -40,17 +40,30 @@ epochs = None
 image_size = None  # pixels per side
 batch_size = None
 lr = None  # peak learning rate of the one-cycle schedule
+weight_decay = None
 weights = None  # "imagenet", "none", or a weights file (local or s3://) when offline
+freeze_backbone = None  # True trains only the new two-class head
+augment = None  # random rotations, shifts, zoom and contrast while training
+label_smoothing = None
+ema_decay = None  # e.g. 0.995 to keep a moving average of the weights; 0 is off
+val_fraction = None  # share of patients held out for validation
 seed = None
-device = None  # "auto", "cpu" or "cuda\""""),
+device = None  # "auto", "cpu" or "cuda"
+precision = None  # "auto", "fp32", "bf16" or "fp16"
+skip_bad = None  # True skips (and reports) images that cannot be decoded
+resume = None  # True continues the run in `out` from its last finished epoch"""),
     ("code", """%matplotlib inline
 from IPython.display import display
 
 from xraylib import config, dataset, plots
 from xraylib.notebooks import class_counts_table, metrics_table, settings_table
 from xraylib.training import train"""),
-    ("code", """cfg = config.make_train_config(preset=preset, data=data, out=out, epochs=epochs, image_size=image_size,
-                               batch_size=batch_size, lr=lr, weights=weights, seed=seed, device=device)
+    ("code", """cfg = config.make_train_config(
+    preset=preset, data=data, out=out, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
+    weight_decay=weight_decay, weights=weights, freeze_backbone=freeze_backbone, augment=augment,
+    label_smoothing=label_smoothing, ema_decay=ema_decay, val_fraction=val_fraction, seed=seed, device=device,
+    precision=precision, skip_bad=skip_bad, resume=resume,
+)
 display(settings_table(cfg))"""),
     ("markdown", "## The data\n\nImages per class in the `train/` folder."),
     ("code", """display(class_counts_table({"train/": dataset.list_images(data, split="train")}))"""),
@@ -85,14 +98,15 @@ threshold chosen on validation. Writes `metrics.json`, `predictions.csv`, `confu
 Headless: `xraylib run test -p model s3://BUCKET/runs/resnet50 -p data s3://BUCKET/chest_xray -p out s3://BUCKET/runs/resnet50/evaluation`."""),
     ("parameters", """model = "runs/resnet50"  # a model file, or the `out` of a training run (local or s3://)
 data = "chest_xray"  # the dataset root holding test/, or a folder of class folders
-out = "runs/resnet50/evaluation"  # where metrics.json, predictions.csv and the pictures go"""),
+out = "runs/resnet50/evaluation"  # where metrics.json, predictions.csv and the pictures go
+tta = False  # True averages over slightly rotated and zoomed views: 5x the compute"""),
     ("code", """%matplotlib inline
 from IPython.display import display
 
 from xraylib import plots
 from xraylib.evaluate import evaluate_model
 from xraylib.notebooks import class_counts_table, metrics_table"""),
-    ("code", "evaluation = evaluate_model(model, data, out, progress=True)"),
+    ("code", "evaluation = evaluate_model(model, data, out, tta=tta, progress=True)"),
     ("code", """display(class_counts_table({"test": evaluation}))"""),
     ("markdown", "## Metrics"),
     ("code", """display(metrics_table(evaluation.metrics, title="test"))"""),

@@ -26,10 +26,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = config.make_train_config(
         preset=args.preset, data=args.data, out=args.out, epochs=args.epochs, image_size=args.image_size,
-        batch_size=args.batch_size, lr=args.lr, weights=args.weights, seed=args.seed, device=args.device,
-        precision=args.precision, resume=args.resume or None, skip_bad=args.skip_bad or None,
-        freeze_backbone=args.freeze_backbone or None, val_fraction=args.val_fraction,
-        label_smoothing=args.label_smoothing, ema_decay=args.ema_decay, augment=False if args.no_augment else None,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, weights=args.weights,
+        freeze_backbone=args.freeze_backbone or None, augment=False if args.no_augment else None,
+        label_smoothing=args.label_smoothing, ema_decay=args.ema_decay, val_fraction=args.val_fraction,
+        seed=args.seed, device=args.device, precision=args.precision, skip_bad=args.skip_bad or None,
+        resume=args.resume or None,
     )
     train(cfg, progress=sys.stderr.isatty())
 
@@ -86,6 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help=f"pixels per side, default {defaults.image_size}")
     p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
     p.add_argument("--lr", type=float, help=f"peak learning rate, default {defaults.lr}")
+    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay, default {defaults.weight_decay}")
     p.add_argument("--weights", help=f"imagenet, none, or a weights file (local or s3://); default {defaults.weights}")
     p.add_argument("--freeze-backbone", action="store_true", help="train only the new head")
     p.add_argument("--label-smoothing", type=float, help=f"default {defaults.label_smoothing}")
