@@ -86,16 +86,21 @@ def compute_metrics(labels: Sequence[int], probabilities: Sequence[float], thres
 
 
 def choose_threshold(labels: Sequence[int], probabilities: Sequence[float]) -> float:
-    """The threshold that maximizes sensitivity + specificity (Youden's J) on these images;
-    0.5 when they hold only one class."""
+    """A threshold that maximizes sensitivity + specificity (Youden's J) on these images,
+    halfway between two of their probabilities; 0.5 when they hold only one class."""
     from sklearn.metrics import roc_curve
 
     y = np.asarray(labels, dtype=int)
     if len(set(y.tolist())) < 2:
         return 0.5
-    fpr, tpr, thresholds = roc_curve(y, np.asarray(probabilities, dtype=float))
+    fpr, tpr, thresholds = roc_curve(y, np.asarray(probabilities, dtype=float), drop_intermediate=False)
     best = int(np.argmax(tpr - fpr))
-    return float(min(max(thresholds[best], 0.0), 1.0))
+    upper = thresholds[best]
+    lower = thresholds[best + 1] if best + 1 < len(thresholds) else 0.0
+    # Halfway to the next lower probability: the same decisions on these images, but no image sits
+    # exactly on the threshold, where rounding (batch norms folded for evaluation) could flip it.
+    threshold = (upper + lower) / 2 if np.isfinite(upper) else 1.0
+    return float(min(max(threshold, 0.0), 1.0))
 
 
 @dataclass

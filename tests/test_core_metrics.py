@@ -1,0 +1,37 @@
+"""Metrics as a clinician reads them, and a decision threshold that survives rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xraylib.evaluate import choose_threshold, compute_metrics
+
+
+def test_metrics_match_a_confusion_matrix_counted_by_hand():
+    # 4 NORMAL (0), 6 PNEUMONIA (1); at 0.5: TN 3, FP 1, FN 2, TP 4.
+    labels = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    probs = [0.1, 0.2, 0.3, 0.7, 0.4, 0.45, 0.6, 0.8, 0.9, 0.95]
+    m = compute_metrics(labels, probs, 0.5)
+    assert m["confusion_matrix"]["matrix"] == [[3, 1], [2, 4]]
+    assert m["accuracy"] == pytest.approx(7 / 10)
+    assert m["sensitivity"] == pytest.approx(4 / 6)  # pneumonia found
+    assert m["specificity"] == pytest.approx(3 / 4)  # normals cleared
+    assert m["precision"] == pytest.approx(4 / 5)
+    # ROC AUC: the share of (pneumonia, normal) pairs ranked the right way round: 21 of 24.
+    assert m["roc_auc"] == pytest.approx(21 / 24)
+
+
+def test_chosen_threshold_separates_and_sits_between_two_images():
+    labels = [0, 0, 0, 1, 1, 1]
+    probs = [0.05, 0.2, 0.41, 0.43, 0.7, 0.9]
+    threshold = choose_threshold(labels, probs)
+    assert 0.41 < threshold < 0.43
+    assert compute_metrics(labels, probs, threshold)["accuracy"] == 1.0
+    # Rounding that moves every probability a little (as folding batch norms does) changes nothing.
+    for delta in (-1e-6, 1e-6):
+        assert compute_metrics(labels, np.add(probs, delta), threshold)["accuracy"] == 1.0
+
+
+def test_threshold_is_one_half_without_both_classes():
+    assert choose_threshold([1, 1, 1], [0.2, 0.6, 0.9]) == 0.5
