@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import make_holdout_root, real_train_folder, timed
 
-from xraylib import dataset, locals3, storage
+from xraylib import config, dataset, locals3, storage
 from xraylib.model import load_model
 
 KEYS = ("accuracy", "sensitivity", "specificity", "roc_auc", "pr_auc", "threshold")
@@ -38,10 +38,12 @@ def metrics_line(metrics: dict) -> str:
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in KEYS) + f", n_images {metrics['n_images']}"
 
 
-def make_validation_folder(root: Path, dest: Path, val_fraction: float = 0.15, seed: int = 0) -> Path:
-    """`dest/<CLASS>/`: the validation split `xraylib train` makes of `root/train/` with these
-    defaults, laid out as symlinks so that `xraylib evaluate` can score it."""
-    _, val = dataset.split_by_patient(dataset.list_images(str(root), split="train"), val_fraction, seed)
+def make_validation_folder(root: Path, dest: Path) -> Path:
+    """`dest/<CLASS>/`: the validation split `xraylib train` makes of `root/train/` with its
+    default fraction and seed, laid out as symlinks so that `xraylib evaluate` can score it."""
+    defaults = config.TrainConfig(data=str(root), out="-")
+    index = dataset.list_images(str(root), split="train")
+    _, val = dataset.split_by_patient(index, defaults.val_fraction, defaults.seed)
     for record in val.records:
         link = dest / record.obj.relpath
         link.parent.mkdir(parents=True, exist_ok=True)

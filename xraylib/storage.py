@@ -18,6 +18,7 @@ ETag: a changed object is fetched again, an unchanged one never is, and no key c
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import random
@@ -71,8 +72,18 @@ def _md5_hex(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
+@functools.cache
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read once. Linux reports it in /proc; elsewhere it can only be read by
+    setting it, which for a moment would let other threads (parallel downloads) create files
+    with no mask, so that happens at most once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
     os.umask(mask)
     return mask
 
