@@ -100,6 +100,11 @@ def class_roles(folders: Sequence[str], where: str) -> tuple[str, str]:
         raise DatasetError(
             f"no NORMAL folder in {where} (found {', '.join(folders)}): the negative class must be named NORMAL"
         )
+    if len(normal) == 2:  # on a case-sensitive store, NORMAL/ and normal/ are two folders
+        raise DatasetError(
+            f"both class folders in {where} are NORMAL ({', '.join(folders)}): merge them into one and "
+            "name the other class's folder PNEUMONIA"
+        )
     positive = next(f for f in folders if f != normal[0])
     return normal[0], positive
 
