@@ -67,7 +67,11 @@ def test_upload_train_evaluate_predict_from_s3(bucket, tiny_dataset, tmp_path):
     assert all(line[1] in ("NORMAL", "PNEUMONIA") and 0 <= float(line[2]) <= 1 for line in lines)
 
 
-def test_user_errors_print_one_line_and_exit_nonzero(bucket, tmp_path):
+def test_user_errors_print_one_line_and_exit_nonzero(bucket, tiny_dataset, tmp_path):
+    # An --out that cannot be written to is found before a single image is decoded.
+    unwritable = xraylib("train", "--data", str(tiny_dataset), "--out", "s3://no-such-bucket-xyz/run")
+    assert_one_line_error(unwritable, "no-such-bucket-xyz", "does not exist")
+    assert "found" not in unwritable.stdout and "epoch" not in unwritable.stdout
     assert_one_line_error(xraylib("train", "--data", "s3://no-such-bucket-xyz/data", "--out", str(tmp_path / "o")),
                           "no-such-bucket-xyz", "does not exist")
     assert_one_line_error(xraylib("train", "--data", f"s3://{bucket}/empty", "--out", str(tmp_path / "o")),

@@ -1,4 +1,5 @@
-"""Training runs on generated images: it learns, writes its files, and resumes after SIGKILL."""
+"""Training runs on generated images: it learns, writes its files, resumes after SIGKILL, and
+trains in bf16 autocast."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from xraylib import config, storage, synthetic
+from xraylib import config, dataset, storage, synthetic
+from xraylib.evaluate import evaluate_loaded
 from xraylib.model import load_model
 from xraylib.training import train
 
@@ -98,3 +101,23 @@ def test_with_ema_the_kept_model_is_the_moving_average(tmp_path, tiny_dataset):
     assert all(torch.equal(kept[k], averaged[k]) for k in raw)  # the file holds the average...
     assert not torch.equal(kept["conv1.weight"], raw["conv1.weight"])  # ...not the last step's weights
     assert int(checkpoint["ema"]["n_averaged"]) > 1
+
+
+@pytest.mark.timeout(300)
+def test_bf16_autocast_trains_a_float32_model_that_scores_as_in_float32(tmp_path, tiny_dataset):
+    # `--precision auto` takes this path by itself on CPUs with AVX-512 BF16 or AMX, and on CUDA.
+    out = tmp_path / "run"
+    cfg = config.make_train_config(data=str(tiny_dataset), out=str(out), epochs=1, image_size=32, batch_size=16,
+                                   weights="none", precision="bf16")
+    lines: list[str] = []
+    result = train(cfg, log=lines.append, progress=False)
+    assert any("with bfloat16" in line for line in lines), lines
+    assert np.isfinite(result.history[0]["train_loss"])
+
+    model = load_model(str(out))
+    assert {t.dtype for t in model.network.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    test = dataset.load_images(dataset.list_images(str(tiny_dataset), split="test"), model.image_size)
+    in_fp32 = evaluate_loaded(model, test, precision="fp32").probabilities
+    in_bf16 = evaluate_loaded(model, test, precision="bf16").probabilities
+    assert np.abs(in_fp32 - in_bf16).max() < 0.05
+    assert not np.array_equal(in_fp32, in_bf16)  # bf16 really computed: its rounding shows
