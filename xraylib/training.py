@@ -11,8 +11,7 @@ writes into the output location:
 - `history.json` (written first, so that an output location that cannot be written to fails
   at once) and `training_curves.png`.
 
-Every file is written whole or not at all, so a run killed at any moment resumes cleanly. An
-epoch's files are written on a background thread while the next epoch trains.
+Every file is written whole or not at all, so a run killed at any moment resumes cleanly.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import io
 import json
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,44 +224,34 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
     log(f"training ResNet50 ({cfg.weights} weights) on {device.type}"
         f"{' with ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else ''}, {cfg.epochs} epochs, "
         f"{cfg.image_size}px, batch {cfg.batch_size}")
-    # An epoch's files (the checkpoint is about 280 MB) are written, fsynced or uploaded on a
-    # background thread while the next epoch trains. It is handed bytes and finished rows, never
-    # live tensors, and writes in order; a failed write is raised at the next epoch's end.
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xraylib-writer")
-    pending: list[Future] = []
-    try:
-        for epoch in range(first_epoch, cfg.epochs + 1):
-            started = time.perf_counter()
-            train_loss = train_one_epoch(network, optimizer, scheduler, loss_fn, data.train, batch_size=cfg.batch_size,
-                                         device=device, amp_dtype=amp_dtype, augment=cfg.augment, generator=generator,
-                                         ema=ema, progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
-            # With an EMA, the averaged weights are the ones validated and kept.
-            kept = network if ema is None else ema.module
-            val = validate(kept, loss_fn, data.val, device=device, amp_dtype=amp_dtype)
-            seconds = time.perf_counter() - started
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
-                   "val_roc_auc": val["chosen"]["roc_auc"], "val_accuracy": val["at_half"]["accuracy"],
-                   "val_sensitivity": val["at_half"]["sensitivity"], "val_specificity": val["at_half"]["specificity"],
-                   "lr": scheduler.get_last_lr()[0], "seconds": seconds}
-            history.append(row)
-            improved = row["val_roc_auc"] > best["roc_auc"]
-            log(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
-                f"val ROC AUC {row['val_roc_auc']:.4f}  val accuracy {row['val_accuracy']:.4f}  "
-                f"{seconds:.0f}s{'  (best so far)' if improved else ''}")
-            _wait_for(pending)
-            if improved:
-                best = {"epoch": epoch, "roc_auc": row["val_roc_auc"], "metrics": val["chosen"]}
-                metadata = model_metadata(class_names=data.index.class_names, image_size=cfg.image_size,
-                                          threshold=val["chosen"]["threshold"], train_config=cfg.to_dict(),
-                                          best_epoch=epoch, val_metrics=val["chosen"],
-                                          data_counts={"train": len(data.train), "val": len(data.val)})
-                pending.append(writer.submit(storage.write_bytes, model_loc, model_to_bytes(kept, metadata)))
-            checkpoint_data = _checkpoint_bytes(network, ema, optimizer, scheduler, generator, epoch, history, best, cfg)
-            pending.append(writer.submit(storage.write_bytes, checkpoint_loc, checkpoint_data))
-            pending.append(writer.submit(_write_history, out, list(history)))
-        _wait_for(pending)
-    finally:
-        writer.shutdown(wait=True)  # an interrupted run still gets its finished epochs' files
+
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        started = time.perf_counter()
+        train_loss = train_one_epoch(network, optimizer, scheduler, loss_fn, data.train, batch_size=cfg.batch_size,
+                                     device=device, amp_dtype=amp_dtype, augment=cfg.augment, generator=generator,
+                                     ema=ema, progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
+        # With an EMA, the averaged weights are the ones validated and kept.
+        kept = network if ema is None else ema.module
+        val = validate(kept, loss_fn, data.val, device=device, amp_dtype=amp_dtype)
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+               "val_roc_auc": val["chosen"]["roc_auc"], "val_accuracy": val["at_half"]["accuracy"],
+               "val_sensitivity": val["at_half"]["sensitivity"], "val_specificity": val["at_half"]["specificity"],
+               "lr": scheduler.get_last_lr()[0], "seconds": seconds}
+        history.append(row)
+        improved = row["val_roc_auc"] > best["roc_auc"]
+        log(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
+            f"val ROC AUC {row['val_roc_auc']:.4f}  val accuracy {row['val_accuracy']:.4f}  "
+            f"{seconds:.0f}s{'  (best so far)' if improved else ''}")
+        if improved:
+            best = {"epoch": epoch, "roc_auc": row["val_roc_auc"], "metrics": val["chosen"]}
+            metadata = model_metadata(class_names=data.index.class_names, image_size=cfg.image_size,
+                                      threshold=val["chosen"]["threshold"], train_config=cfg.to_dict(),
+                                      best_epoch=epoch, val_metrics=val["chosen"],
+                                      data_counts={"train": len(data.train), "val": len(data.val)})
+            storage.write_bytes(model_loc, model_to_bytes(kept, metadata))
+        _save_checkpoint(checkpoint_loc, network, ema, optimizer, scheduler, generator, epoch, history, best, cfg)
+        _write_history(out, history)
 
     log(f"best epoch {best['epoch']}: validation ROC AUC {best['roc_auc']:.4f}, accuracy "
         f"{best['metrics'].get('accuracy', float('nan')):.4f} at threshold {best['metrics'].get('threshold', 0.5):.3f}; "
@@ -271,14 +259,8 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
     return TrainResult(model_loc, history, int(best["epoch"]), best["metrics"], data)
 
 
-def _wait_for(pending: list[Future]) -> None:
-    """Finish the queued writes in order, raising the first that failed."""
-    while pending:
-        pending.pop(0).result()
-
-
-def _checkpoint_bytes(network: Any, ema: Any, optimizer: Any, scheduler: Any, generator: Any, epoch: int,
-                      history: list[dict[str, Any]], best: dict[str, Any], cfg: TrainConfig) -> bytes:
+def _save_checkpoint(location: str, network: Any, ema: Any, optimizer: Any, scheduler: Any, generator: Any, epoch: int,
+                     history: list[dict[str, Any]], best: dict[str, Any], cfg: TrainConfig) -> None:
     import torch
 
     buffer = io.BytesIO()
@@ -287,7 +269,7 @@ def _checkpoint_bytes(network: Any, ema: Any, optimizer: Any, scheduler: Any, ge
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "epoch": epoch,
                 "history_json": json.dumps(history), "best_json": json.dumps(best),
                 "config_json": json.dumps(cfg.to_dict())}, buffer)
-    return buffer.getvalue()
+    storage.write_bytes(location, buffer.getvalue())
 
 
 def _write_history_json(out: str, history: list[dict[str, Any]]) -> None:
