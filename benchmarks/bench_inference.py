@@ -84,6 +84,8 @@ def main() -> None:
         predict = [run([sys.executable, "-m", "xraylib", "predict", "--model", model, str(one)], cache) for _ in range(3)]
         runs = ", ".join(f"{p:.2f}" for p in predict)
         print(f"xraylib predict, one image, cold process: {min(predict):.2f}s best of 3 ({runs})")
+        bare = min(run([sys.executable, "-c", "import torch"]) for _ in range(3))
+        print(f"  the floor on this machine now, a process that only imports torch: {bare:.2f}s best of 3")
     print(f"evaluate speed-up over the plain loop: {plain / mine:.2f}x on {args.images} images at {args.image_size}px")
 
 

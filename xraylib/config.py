@@ -34,6 +34,10 @@ S3_WORKERS = 16
 S3_MAX_ATTEMPTS = 6
 S3_RETRY_SECONDS = 60.0
 EVAL_BATCH_SIZE = 64
+# On a CPU, inference runs fastest when a batch's activations stay in the caches. Measured with
+# the folded ResNet50 on 2 cores: the best batch was about 32 at 96 px, 16-24 at 128 px and 8 at
+# 224 px (13.7 against 11.2 img/s for batch 64), so a CPU batch holds about this many pixels.
+CPU_EVAL_BATCH_PIXELS = 400_000
 # Test-time augmentation: (degrees, zoom, shift x, shift y) of each view whose probabilities are
 # averaged; the identity plus mild versions of what training augmentation does.
 TTA_VIEWS = ((0.0, 1.0, 0.0, 0.0), (0.0, 1.05, 0.0, 0.0), (0.0, 0.95, 0.0, 0.0), (5.0, 1.0, 0.0, 0.0), (-5.0, 1.0, 0.0, 0.0))

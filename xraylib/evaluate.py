@@ -29,16 +29,17 @@ def predict_probabilities(
     *,
     mean: Sequence[float],
     std: Sequence[float],
-    batch_size: int = config.EVAL_BATCH_SIZE,
+    batch_size: int | None = None,
     device: Any = None,
     amp_dtype: Any = None,
     tta: bool = False,
 ) -> np.ndarray:
     """P(positive class) for each uint8 [H, W] image in `pixels` ([N, H, W]); with `tta`, the
-    mean over the views in `config.TTA_VIEWS`."""
+    mean over the views in `config.TTA_VIEWS`. `batch_size` defaults to `eval_batch_size`'s."""
     import torch
 
     device = device or next(network.parameters()).device
+    batch_size = batch_size or eval_batch_size(device, pixels.shape[-1] * pixels.shape[-2])
     was_training = network.training
     network.eval()
     out = []
@@ -52,6 +53,13 @@ def predict_probabilities(
             out.append(torch.stack(probs).mean(0).cpu())
     network.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def eval_batch_size(device: Any, pixels_per_image: int) -> int:
+    """`config.EVAL_BATCH_SIZE` on a GPU; on a CPU, as many images as fit `config.CPU_EVAL_BATCH_PIXELS`."""
+    if device.type != "cpu":
+        return config.EVAL_BATCH_SIZE
+    return max(1, min(config.EVAL_BATCH_SIZE, config.CPU_EVAL_BATCH_PIXELS // pixels_per_image))
 
 
 def compute_metrics(labels: Sequence[int], probabilities: Sequence[float], threshold: float) -> dict[str, Any]:
