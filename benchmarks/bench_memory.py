@@ -1,6 +1,6 @@
 """Peak memory of training at 224 px, batch 32: the resident set of `xraylib train`, measured
 by the kernel (the child's maximum RSS) over three epochs, against the 6 GB target. One epoch is
-not enough: the allocator's resident set grows by about 0.7 GB in the second epoch, then levels off.
+not enough: the resident set grows by about 1 GB in the second epoch (4.2 to 5.2 GB), then levels off.
 
     python benchmarks/bench_memory.py [--per-class 128] [--image-size 224] [--batch-size 32]
 """
