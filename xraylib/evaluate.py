@@ -38,7 +38,7 @@ def predict_probabilities(
     mean over the views in `config.TTA_VIEWS`. `batch_size` defaults to `eval_batch_size`'s."""
     import torch
 
-    device = device or next(network.parameters()).device
+    device = torch.device(device) if device is not None else next(network.parameters()).device
     batch_size = batch_size or eval_batch_size(device, pixels.shape[-1] * pixels.shape[-2])
     was_training = network.training
     network.eval()
