@@ -181,8 +181,9 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
         log(f"no checkpoint in {out}: starting from the first epoch")
     if checkpoint is not None and json.loads(checkpoint["config_json"])["data"] != cfg.data:
         raise ConfigError(f"the checkpoint in {out} was trained on other data: use a new --out, or drop --resume")
+    history: list[dict[str, Any]] = json.loads(checkpoint["history_json"]) if checkpoint is not None else []
     # Written first, so that an --out that cannot be written to fails before any decoding or training.
-    _write_history_json(out, json.loads(checkpoint["history_json"]) if checkpoint is not None else [])
+    _write_history_json(out, history)
 
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
@@ -204,7 +205,6 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    history: list[dict[str, Any]] = []
     best = {"epoch": 0, "roc_auc": -1.0, "metrics": {}}
     first_epoch = 1
     if checkpoint is not None:
@@ -217,7 +217,6 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         generator.set_state(checkpoint["generator"])
-        history = json.loads(checkpoint["history_json"])
         best = json.loads(checkpoint["best_json"])
         first_epoch = int(checkpoint["epoch"]) + 1
         log(f"resuming {out} after epoch {first_epoch - 1}")
