@@ -72,6 +72,9 @@ def test_user_errors_print_one_line_and_exit_nonzero(bucket, tiny_dataset, tmp_p
     unwritable = xraylib("train", "--data", str(tiny_dataset), "--out", "s3://no-such-bucket-xyz/run")
     assert_one_line_error(unwritable, "no-such-bucket-xyz", "does not exist")
     assert "found" not in unwritable.stdout and "epoch" not in unwritable.stdout
+    (tmp_path / "a-file").write_text("in the way")
+    assert_one_line_error(xraylib("train", "--data", str(tiny_dataset), "--out", str(tmp_path / "a-file" / "run")),
+                          "cannot write", "a-file/run/history.json")
     assert_one_line_error(xraylib("train", "--data", "s3://no-such-bucket-xyz/data", "--out", str(tmp_path / "o")),
                           "no-such-bucket-xyz", "does not exist")
     assert_one_line_error(xraylib("train", "--data", f"s3://{bucket}/empty", "--out", str(tmp_path / "o")),

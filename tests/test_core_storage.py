@@ -146,6 +146,31 @@ def test_fetch_location_of_a_missing_local_file_names_it(tmp_path):
         storage.fetch_location(str(tmp_path / "nothing-here.pt"))
 
 
+def test_local_listing_follows_linked_folders_once_and_names_a_broken_link(tmp_path):
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    for folder in (root / "NORMAL", elsewhere):
+        folder.mkdir(parents=True)
+        for i in range(2):
+            (folder / f"img{i}.jpeg").write_bytes(b"x" * (i + 1))
+    (root / "PNEUMONIA").symlink_to(elsewhere, target_is_directory=True)  # a class folder kept on another disk
+    (root / "NORMAL" / "loop").symlink_to(root, target_is_directory=True)
+    listed = [o.relpath for o in storage.list_objects(str(root))]
+    assert listed == ["NORMAL/img0.jpeg", "NORMAL/img1.jpeg", "PNEUMONIA/img0.jpeg", "PNEUMONIA/img1.jpeg"]
+
+    (root / "NORMAL" / "gone.jpeg").symlink_to(tmp_path / "deleted.jpeg")
+    with pytest.raises(LocationError, match=r"NORMAL/gone\.jpeg cannot be read .*broken link"):
+        storage.list_objects(str(root))
+
+
+def test_local_write_failures_name_the_path_and_cache_failures_name_the_setting(tmp_path, tiny_dataset):
+    (tmp_path / "a-file").write_text("in the way")
+    with pytest.raises(LocationError, match=r"cannot write .*a-file/run/model\.pt: Not a directory"):
+        storage.write_bytes(str(tmp_path / "a-file" / "run" / "model.pt"), b"weights")
+    index = dataset.list_images(str(tiny_dataset), split="test")
+    with pytest.raises(LocationError, match=r"a-file/cache.*set XRAYLIB_CACHE_DIR"):
+        dataset.load_images(index, image_size=16, cache_dir=tmp_path / "a-file" / "cache")
+
+
 def test_join_handles_both_schemes():
     assert storage.join("s3://b/x/", "train", "NORMAL") == "s3://b/x/train/NORMAL"
     assert storage.join("/data", "train") == str(Path("/data") / "train")

@@ -253,7 +253,7 @@ def _load_one(record: ImageRecord, image_size: int, cache_dir: Path) -> np.ndarr
             return np.frombuffer(data, dtype=np.uint8).reshape(image_size, image_size)
     raw = storage.fetch(record.obj, cache_dir).read_bytes()
     pixels = decode_image(raw, image_size, record.obj.location)
-    storage.atomic_write_file(cached, pixels.tobytes())
+    storage.write_cache_file(cached, pixels.tobytes())
     return pixels
 
 

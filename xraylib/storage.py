@@ -90,6 +90,14 @@ def _umask() -> int:
 
 def atomic_write_file(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see part of it."""
+    try:
+        _atomic_write_file(path, data)
+    except OSError as exc:
+        raise LocationError(f"cannot write {path}: {exc.strerror or exc}; "
+                            "check that its folder can be written to and the disk has room") from None
+
+
+def _atomic_write_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:80]}.", suffix=".part")
     try:
@@ -104,6 +112,10 @@ def atomic_write_file(path: Path, data: bytes) -> None:
         raise
 
 
+def _raise_unreadable(exc: OSError) -> None:
+    raise LocationError(f"{exc.filename} cannot be listed ({exc.strerror or exc}): check its permissions") from None
+
+
 class LocalHandler:
     """Plain files and folders."""
 
@@ -115,13 +127,25 @@ class LocalHandler:
         if not root.is_dir():
             raise LocationError(f"{location}: no such file or folder; check the path")
         found = []
-        for dirpath, dirnames, filenames in os.walk(root):
+        seen_folders = set()
+        # Folders that are links are followed (a class folder may live elsewhere), each real folder
+        # once, so a link loop ends; a folder that cannot be read stops the listing, never drops out.
+        for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_unreadable, followlinks=True):
+            folder = os.stat(dirpath)
+            if (folder.st_dev, folder.st_ino) in seen_folders:
+                dirnames.clear()
+                continue
+            seen_folders.add((folder.st_dev, folder.st_ino))
             dirnames.sort()
             for name in sorted(filenames):
                 path = Path(dirpath) / name
                 if name.endswith(".part") and name.startswith("."):
                     continue  # an interrupted atomic write of ours, never data
-                st = path.stat()
+                try:
+                    st = path.stat()
+                except OSError as exc:
+                    raise LocationError(f"{path} cannot be read ({exc.strerror or exc}): "
+                                        "a broken link? fix it or remove it") from None
                 rel = path.relative_to(root).as_posix()
                 found.append(ObjectInfo(str(path), rel, st.st_size, f"{st.st_size}-{st.st_mtime_ns}"))
         return found
@@ -133,6 +157,8 @@ class LocalHandler:
             raise LocationError(f"{location}: no such file; check the path") from None
         except IsADirectoryError:
             raise LocationError(f"{location} is a folder, not a file") from None
+        except OSError as exc:
+            raise LocationError(f"{location} cannot be read ({exc.strerror or exc}): check its permissions") from None
 
     def write_bytes(self, location: str, data: bytes) -> None:
         atomic_write_file(Path(location).expanduser(), data)
@@ -356,6 +382,14 @@ def cache_path(obj: ObjectInfo, cache_dir: Path, kind: str = "objects") -> Path:
     return cache_dir / kind / name[:2] / f"{name}-{version}"
 
 
+def write_cache_file(path: Path, data: bytes) -> None:
+    """Store one cache entry whole, or fail saying how to point the cache somewhere writable."""
+    try:
+        atomic_write_file(path, data)
+    except LocationError as exc:
+        raise LocationError(f"{exc}, or set XRAYLIB_CACHE_DIR to a folder that can be") from None
+
+
 def fetch(obj: ObjectInfo, cache_dir: Path | None = None) -> Path:
     """A local file holding `obj`: the file itself when local, else a verified cached copy."""
     if not is_remote(obj.location):
@@ -366,7 +400,7 @@ def fetch(obj: ObjectInfo, cache_dir: Path | None = None) -> Path:
         data = read_bytes(obj.location)
         if len(data) != obj.size:
             raise LocationError(f"{obj.location} changed while it was read (listed {obj.size} bytes, got {len(data)}); run again")
-        atomic_write_file(path, data)
+        write_cache_file(path, data)
     return path
 
 
