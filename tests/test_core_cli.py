@@ -66,6 +66,19 @@ def test_upload_train_evaluate_predict_from_s3(bucket, tiny_dataset, tmp_path):
     assert [line[0] for line in lines] == [*images, str(local)]
     assert all(line[1] in ("NORMAL", "PNEUMONIA") and 0 <= float(line[2]) <= 1 for line in lines)
 
+    # A prefix stands for every image below it. A bad image fails the run unless --skip-bad, which
+    # leaves it out and says so on stderr; stdout keeps one prediction per line.
+    storage.write_bytes(f"{data}/val/NORMAL/broken.jpeg", b"\xff\xd8\xff not a jpeg")
+    assert_one_line_error(xraylib("predict", "--model", out, f"{data}/val"), "val/NORMAL/broken.jpeg", "--skip-bad")
+    storage.write_bytes(f"{data}/val/notes.txt", b"not an image")
+    skipping = xraylib("predict", "--model", out, f"{data}/val/", "--skip-bad")
+    assert skipping.returncode == 0, skipping.stderr
+    good = sorted(f"{data}/val/{p.relative_to(tiny_dataset / 'val').as_posix()}"
+                  for p in (tiny_dataset / "val").rglob("*.jpeg"))
+    assert [line.split("\t")[0] for line in skipping.stdout.strip().splitlines()] == good
+    assert "ignored 1 non-image file(s)" in skipping.stderr
+    assert "skipped 1 bad image(s)" in skipping.stderr and "val/NORMAL/broken.jpeg" in skipping.stderr
+
 
 def test_user_errors_print_one_line_and_exit_nonzero(bucket, tiny_dataset, tmp_path):
     # An --out that cannot be written to is found before a single image is decoded.

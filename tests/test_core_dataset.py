@@ -64,7 +64,7 @@ def test_corrupt_and_truncated_images_name_their_key():
     good = encode(chest_image(np.random.default_rng(0), False, 200, 200))
     with pytest.raises(ImageDecodeError, match=r"s3://bkt/train/NORMAL/cut\.jpeg"):
         dataset.decode_image(good[: len(good) // 2], 64, "s3://bkt/train/NORMAL/cut.jpeg")
-    with pytest.raises(ImageDecodeError, match=r"junk\.jpeg.*--skip-bad"):
+    with pytest.raises(ImageDecodeError, match=r"junk\.jpeg: its bytes are not an image format PIL reads.*--skip-bad"):
         dataset.decode_image(b"this is not an image at all", 64, "junk.jpeg")
 
 
@@ -128,6 +128,11 @@ def test_wrong_number_of_classes_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match="no train/ folder"):
         _write(tmp_path / "splits" / "test" / "NORMAL" / "a.jpeg", img)
         dataset.list_images(str(tmp_path / "splits"), split="train")
+    # Pointed one level too deep, at a class folder: told where to point instead.
+    with pytest.raises(DatasetError, match=r"one/NORMAL; it holds 1 image\(s\) outside class folders: point at the "
+                                           r"folder that holds NORMAL/ and PNEUMONIA/ \(to classify unlabelled images, "
+                                           r"use predict\)"):
+        dataset.list_images(str(tmp_path / "one" / "NORMAL"))
 
 
 def test_empty_s3_prefix_is_a_clear_error(bucket):

@@ -20,6 +20,7 @@ import pytest
 
 from xraylib import config, locals3, storage
 from xraylib.errors import ConfigError
+from xraylib.evaluate import Prediction
 from xraylib.notebooks import (
     NOTEBOOKS,
     NotebookError,
@@ -29,6 +30,7 @@ from xraylib.notebooks import (
     notebook_parameters,
     notebook_path,
     parse_parameters,
+    predictions_table,
     run_notebook,
     scrub,
     tidy_outputs,
@@ -36,7 +38,7 @@ from xraylib.notebooks import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PARAMETERS = {f.name for f in dataclasses.fields(config.TrainConfig)}  # every knob, as in the CLI
-TEST_PARAMETERS = {"model", "data", "out", "tta"}
+TEST_PARAMETERS = {"model", "data", "out", "tta", "new_images"}
 METRIC_KEYS = {"accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc", "threshold", "n_images",
                "confusion_matrix", "class_names"}
 SECRET = locals3.LOCAL_ENV["AWS_SECRET_ACCESS_KEY"]
@@ -145,6 +147,10 @@ def test_tables():
     assert counts.header == ("split", "NORMAL", "PNEUMONIA", "total")
     assert counts.rows == (("train", "1", "2", "3"),)
 
+    predictions = predictions_table([Prediction("s3://b/new/a.jpeg", "PNEUMONIA", 0.91234)])
+    assert predictions.rows == (("s3://b/new/a.jpeg", "PNEUMONIA", "0.9123"),)
+    assert predictions.title == "1 image(s)"
+
 
 def test_progress_bars_are_collapsed():
     text = "found 3\n\rbar 10%\rbar 100%\r        \r\nepoch 1 done\n\n"
@@ -217,14 +223,20 @@ def test_train_notebook_runs_headless(trained):
 def test_test_notebook_runs_with_output_on_s3(trained, capsys):
     evaluation = f"{trained['run']}/evaluation"
     report = f"s3://{trained['bucket']}/reports/test.ipynb"
-    assert run_notebook("test", {"model": trained["run"], "data": trained["data"], "out": evaluation},
-                        output=report) == report
+    new_images = f"{trained['data']}/val"
+    assert run_notebook("test", {"model": trained["run"], "data": trained["data"], "out": evaluation,
+                                 "new_images": new_images}, output=report) == report
     text = storage.read_bytes(report).decode()
     assert SECRET not in text
     nb = nbformat.reads(text, as_version=4)
     assert_executed_cleanly(nb)
     pictures = [o for o in outputs_of(nb) if "image/png" in o.get("data", {})]
     assert len(pictures) == 4  # confusion matrix, ROC, PR, mistakes
+    # The last table classifies every image below new_images, each named by its location.
+    predictions = "".join(outputs_of(nb)[-1]["data"]["text/html"])
+    val_images = storage.list_objects(new_images)
+    assert f"<caption>{len(val_images)} image(s)</caption>" in predictions
+    assert all(f"<td>{o.location}</td>" in predictions for o in val_images)
     metrics = json.loads(storage.read_bytes(f"{evaluation}/metrics.json"))
     assert set(metrics) >= METRIC_KEYS
     assert metrics["n_images"] == 40
@@ -239,7 +251,8 @@ def test_plain_papermill_runs_the_notebooks(trained, tmp_path):
     out = tmp_path / "evaluation"
     result = subprocess.run(
         [str(papermill), str(ROOT / "notebooks" / "test_classifier.ipynb"), str(tmp_path / "executed.ipynb"),
-         "-p", "model", trained["run"], "-p", "data", trained["data"], "-p", "out", str(out)],
+         "-p", "model", trained["run"], "-p", "data", trained["data"], "-p", "out", str(out),
+         "-p", "new_images", f"{trained['data']}/val"],
         capture_output=True, text=True, timeout=240, env=trained["env"], cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -95,18 +95,29 @@ Evaluates a trained model on the `test/` split (images it has never seen) at the
 threshold chosen on validation. Writes `metrics.json`, `predictions.csv`, `confusion_matrix.png`,
 `roc_curve.png` and `pr_curve.png` to `out`.
 
-Headless: `xraylib run test -p model s3://BUCKET/runs/resnet50 -p data s3://BUCKET/chest_xray -p out s3://BUCKET/runs/resnet50/evaluation`."""),
+Then classifies the images of `new_images`, which need no class folders: new scans, or
+Kaggle's `val/` split of 16 images.
+
+Headless:
+
+```sh
+xraylib run test -p model s3://BUCKET/runs/resnet50 -p data s3://BUCKET/chest_xray \\
+    -p out s3://BUCKET/runs/resnet50/evaluation -p new_images s3://BUCKET/chest_xray/val
+```"""),
     ("parameters", """model = "runs/resnet50"  # a model file, or the `out` of a training run (local or s3://)
 data = "chest_xray"  # the dataset root holding test/, or a folder of class folders
 out = "runs/resnet50/evaluation"  # where metrics.json, predictions.csv and the pictures go
-tta = False  # True averages over slightly rotated and zoomed views: 5x the compute"""),
+tta = False  # True averages over slightly rotated and zoomed views: 5x the compute
+new_images = "chest_xray/val"  # images to classify: an image file, or a folder or s3:// prefix of them"""),
     ("code", """%matplotlib inline
 from IPython.display import display
 
 from xraylib import plots
-from xraylib.evaluate import evaluate_model
-from xraylib.notebooks import class_counts_table, metrics_table"""),
-    ("code", "evaluation = evaluate_model(model, data, out, tta=tta, progress=True)"),
+from xraylib.evaluate import evaluate_model, predict_images
+from xraylib.model import load_model
+from xraylib.notebooks import class_counts_table, metrics_table, predictions_table"""),
+    ("code", """trained = load_model(model)
+evaluation = evaluate_model(trained, data, out, tta=tta, progress=True)"""),
     ("code", """display(class_counts_table({"test": evaluation}))"""),
     ("markdown", "## Metrics"),
     ("code", """display(metrics_table(evaluation.metrics, title="test"))"""),
@@ -117,6 +128,9 @@ from xraylib.notebooks import class_counts_table, metrics_table"""),
     ("code", "display(plots.pr_curve_figure(evaluation.labels, evaluation.probabilities))"),
     ("markdown", "## The most confidently wrong images"),
     ("code", "display(plots.confident_mistakes_figure(evaluation))"),
+    ("markdown", "## New images\n\nThe class the model gives each image of `new_images`, at the same threshold."),
+    ("code", """predictions = predict_images(trained, [new_images])
+display(predictions_table(predictions))"""),
 ]
 
 

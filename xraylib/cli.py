@@ -52,7 +52,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from xraylib.evaluate import predict_images
 
-    for prediction in predict_images(args.model, args.images):
+    # Predictions alone on stdout, one line each, for pipes; notes about skipped files on stderr.
+    for prediction in predict_images(args.model, args.images, skip_bad=args.skip_bad,
+                                     log=lambda line: print(line, file=sys.stderr)):
         print(prediction)
 
 
@@ -115,7 +117,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify images: one line each, path, label, probability")
     p.add_argument("--model", required=True, help="a model file, or a train --out location")
-    p.add_argument("images", nargs="+", help="image files, local or s3://")
+    p.add_argument("images", nargs="+", help="image files, or folders or s3:// prefixes of them")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and report, on stderr) images that cannot be decoded")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("run", help="execute the train or test notebook headless (papermill)")

@@ -141,13 +141,38 @@ def list_images(location: str, split: str | None = None) -> ImageIndex:
     ignored = [o.relpath for o in objects if not is_image_name(o.relpath) or "/" not in o.relpath]
     images = [o for o in objects if is_image_name(o.relpath) and "/" in o.relpath]
     if not images:
-        raise DatasetError(f"no images (.jpeg, .jpg, .png) in class folders below {root}; check the location")
+        loose = sum(1 for o in objects if is_image_name(o.relpath))
+        fix = (f"it holds {loose} image(s) outside class folders: point at the folder that holds NORMAL/ and "
+               "PNEUMONIA/ (to classify unlabelled images, use predict)") if loose else "check the location"
+        raise DatasetError(f"no images (.jpeg, .jpg, .png) in class folders below {root}; {fix}")
     negative, positive = class_roles([o.relpath.split("/", 1)[0] for o in images], root)
     records = tuple(
         ImageRecord(obj=o, label=0 if o.relpath.split("/", 1)[0] == negative else 1, patient=patient_id(o.relpath))
         for o in images
     )
     return ImageIndex(root, (negative, positive), records, tuple(ignored))
+
+
+def find_images(locations: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The images that `locations` name, unlabelled, for classifying: a file or object named like an
+    image stands for itself, a folder or prefix for every image below it, in path order. Returns
+    those images and the non-image files passed over below the folders."""
+    images: list[str] = []
+    ignored: list[str] = []
+    for location in locations:
+        if is_image_name(location):
+            images.append(location)  # named by the user: read it without a listing
+            continue
+        objects = storage.list_objects(location)
+        if [o.location for o in objects] == [location]:
+            images.append(location)  # a single file without an image suffix: the decoder will judge it
+            continue
+        below = [o.location for o in objects if is_image_name(o.relpath)]
+        if not below:
+            raise DatasetError(f"no images (.jpeg, .jpg, .png) in {location}: check the location")
+        images.extend(below)
+        ignored.extend(o.location for o in objects if not is_image_name(o.relpath))
+    return images, ignored
 
 
 def split_by_patient(index: ImageIndex, val_fraction: float, seed: int) -> tuple[ImageIndex, ImageIndex]:
@@ -219,6 +244,11 @@ def decode_image(data: bytes, image_size: int, name: str) -> np.ndarray:
         raise
     except Image.DecompressionBombError as exc:  # PIL's own guard fires in open() for the largest claims
         raise ImageDecodeError(f"{name} is too large to decode safely ({exc}): {too_big}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(
+            f"cannot decode image {name}: its bytes are not an image format PIL reads (JPEG, PNG); "
+            "replace or remove it (or pass --skip-bad to skip bad images)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(
             f"cannot decode image {name}: {exc}; replace or remove it (or pass --skip-bad to skip bad images)"
@@ -366,6 +396,7 @@ __all__ = [
     "affine_batch",
     "augment_batch",
     "decode_image",
+    "find_images",
     "iter_batches",
     "list_images",
     "load_images",

@@ -63,7 +63,8 @@ def run_demo(out: str | Path = "demo-output", images_per_class: int | None = Non
                                    "batch_size": BATCH_SIZE, "lr": LEARNING_RATE, "weights": WEIGHTS, "seed": SEED,
                                    "device": "cpu"})
             print(f"\n== test notebook -> {evaluation}")
-            run_notebook("test", {"model": run, "data": data, "out": evaluation})
+            run_notebook("test", {"model": run, "data": data, "out": evaluation,
+                                  "new_images": storage.join(data, "val")})
 
             for folder, names in ((run, TRAIN_FILES), (evaluation, EVAL_FILES)):
                 for name in names:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from xraylib import config, dataset, storage
+from xraylib.errors import DatasetError, ImageDecodeError
 from xraylib.model import TrainedModel, autocast, autocast_dtype, inference_network, load_model, resolve_device
 
 
@@ -216,19 +217,34 @@ class Prediction:
         return f"{self.image}\t{self.label}\t{self.probability:.4f}"
 
 
-def predict_images(model: str | TrainedModel, images: Sequence[str | Path]) -> list[Prediction]:
-    """Classify image files (local or S3) with a model; probability is of the positive class."""
+def predict_images(model: str | TrainedModel, images: Sequence[str | Path], *, skip_bad: bool = False,
+                   log: Callable[[str], None] = print) -> list[Prediction]:
+    """Classify images, local or S3: each of `images` is an image file, or a folder or prefix that
+    stands for every image below it. Probability is of the positive class. A bad image raises
+    ImageDecodeError naming it, unless `skip_bad`, which leaves it out and reports it via `log`."""
     import torch
 
     trained = load_model(model) if isinstance(model, str) else model
+    names, ignored = dataset.find_images([str(i) for i in images])
+    if ignored:
+        log(f"ignored {len(ignored)} non-image file(s)")
 
-    def decode(location: str) -> np.ndarray:
-        return dataset.decode_image(storage.read_bytes(location), trained.image_size, location)
+    def decode(location: str) -> np.ndarray | str:
+        try:
+            return dataset.decode_image(storage.read_bytes(location), trained.image_size, location)
+        except ImageDecodeError as exc:
+            if skip_bad:
+                return str(exc)
+            raise
 
-    names = [str(i) for i in images]
-    pixels = torch.from_numpy(np.stack(storage.parallel_map(decode, names)))
+    results = storage.parallel_map(decode, names)
+    dataset.report_skipped([(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, str)], log)
+    kept = [(n, r) for n, r in zip(names, results, strict=True) if not isinstance(r, str)]
+    if not kept:
+        raise DatasetError(f"none of the {len(names)} images could be decoded")
+    pixels = torch.from_numpy(np.stack([r for _, r in kept]))
     # Folding the batch norms costs a fraction of a second: worth it for a batch, not for one image.
-    network = inference_network(trained.network) if len(names) >= 16 else trained.network
+    network = inference_network(trained.network) if len(kept) >= 16 else trained.network
     probs = predict_probabilities(network, pixels, mean=trained.mean, std=trained.std)
     return [Prediction(name, trained.class_names[int(p >= trained.threshold)], float(p))
-            for name, p in zip(names, probs.tolist(), strict=True)]
+            for (name, _), p in zip(kept, probs.tolist(), strict=True)]

@@ -358,6 +358,12 @@ def class_counts_table(splits: Mapping[str, Any]) -> Table:
     return Table(("split", *classes, "total"), rows)
 
 
+def predictions_table(predictions: Sequence[Any]) -> Table:
+    """One row per `evaluate.Prediction`: the image, the class given, the probability of pneumonia."""
+    rows = tuple((p.image, p.label, f"{p.probability:.4f}") for p in predictions)
+    return Table(("image", "predicted", "probability of pneumonia"), rows, f"{len(rows)} image(s)")
+
+
 def settings_table(cfg: Any) -> Table:
     """The values of a `TrainConfig` (or a mapping), one per row."""
     values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
@@ -371,6 +377,7 @@ __all__ = [
     "metrics_table",
     "notebook_path",
     "parse_parameters",
+    "predictions_table",
     "run_notebook",
     "settings_table",
 ]
