@@ -15,8 +15,8 @@ from PIL import Image
 
 from xraylib import storage
 from xraylib.errors import ModelFileError
-from xraylib.evaluate import predict_probabilities
-from xraylib.model import build_resnet50, load_model, model_metadata, save_model
+from xraylib.evaluate import predict_images, predict_probabilities
+from xraylib.model import TrainedModel, build_resnet50, load_model, model_metadata, save_model
 
 
 def _metadata(threshold: float = 0.4) -> dict:
@@ -71,6 +71,22 @@ def test_predicting_does_not_import_torchvision(tmp_path):
             "print('torchvision' in sys.modules or 'torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] in ("NORMAL", "PNEUMONIA") and out[1] == "False"
+
+
+def test_predict_takes_one_location_or_several_and_a_folder_stands_for_its_images(tmp_path):
+    model = TrainedModel(build_resnet50("none").eval(), _metadata())
+    folder = tmp_path / "new scans"
+    (folder / "ward 2").mkdir(parents=True)
+    for i, name in enumerate(["b.jpeg", "a.png", "ward 2/c.JPG"]):
+        Image.fromarray(np.full((40, 40), 60 * i, np.uint8)).save(folder / name, format="PNG" if name.endswith("png") else "JPEG")
+    (folder / "notes.txt").write_text("not an image")
+    notes: list[str] = []
+    one = predict_images(model, str(folder), log=notes.append)  # a single string is one location
+    assert [p.image for p in one] == [str(folder / n) for n in ("a.png", "b.jpeg", "ward 2/c.JPG")]
+    assert notes == ["ignored 1 non-image file(s)"]
+    several = predict_images(model, [folder / "b.jpeg", folder / "ward 2"], log=notes.append)
+    assert [p.image for p in several] == [str(folder / "b.jpeg"), str(folder / "ward 2" / "c.JPG")]
+    assert several[0].probability == pytest.approx(one[1].probability, abs=1e-5)  # alone or with others, one answer
 
 
 def test_weights_file_from_s3_or_disk_initialises_the_backbone(bucket, tmp_path):

@@ -129,7 +129,7 @@ evaluation = evaluate_model(trained, data, out, tta=tta, progress=True)"""),
     ("markdown", "## The most confidently wrong images"),
     ("code", "display(plots.confident_mistakes_figure(evaluation))"),
     ("markdown", "## New images\n\nThe class the model gives each image of `new_images`, at the same threshold."),
-    ("code", """predictions = predict_images(trained, [new_images])
+    ("code", """predictions = predict_images(trained, new_images)
 display(predictions_table(predictions))"""),
 ]
 

@@ -217,15 +217,17 @@ class Prediction:
         return f"{self.image}\t{self.label}\t{self.probability:.4f}"
 
 
-def predict_images(model: str | TrainedModel, images: Sequence[str | Path], *, skip_bad: bool = False,
+def predict_images(model: str | TrainedModel, images: str | Path | Sequence[str | Path], *, skip_bad: bool = False,
                    log: Callable[[str], None] = print) -> list[Prediction]:
-    """Classify images, local or S3: each of `images` is an image file, or a folder or prefix that
-    stands for every image below it. Probability is of the positive class. A bad image raises
-    ImageDecodeError naming it, unless `skip_bad`, which leaves it out and reports it via `log`."""
+    """Classify images, local or S3: `images` is one location or several, each an image file, or a
+    folder or prefix that stands for every image below it. Probability is of the positive class. A
+    bad image raises ImageDecodeError naming it, unless `skip_bad`, which leaves it out and reports
+    it via `log`."""
     import torch
 
     trained = load_model(model) if isinstance(model, str) else model
-    names, ignored = dataset.find_images([str(i) for i in images])
+    locations = [images] if isinstance(images, str | Path) else images  # one string is one location, not its letters
+    names, ignored = dataset.find_images([str(i) for i in locations])
     if ignored:
         log(f"ignored {len(ignored)} non-image file(s)")
 
@@ -241,7 +243,7 @@ def predict_images(model: str | TrainedModel, images: Sequence[str | Path], *, s
     dataset.report_skipped([(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, str)], log)
     kept = [(n, r) for n, r in zip(names, results, strict=True) if not isinstance(r, str)]
     if not kept:
-        raise DatasetError(f"none of the {len(names)} images could be decoded")
+        raise DatasetError(f"none of the {len(names)} images could be decoded: the reasons are listed above")
     pixels = torch.from_numpy(np.stack([r for _, r in kept]))
     # Folding the batch norms costs a fraction of a second: worth it for a batch, not for one image.
     network = inference_network(trained.network) if len(kept) >= 16 else trained.network

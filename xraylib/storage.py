@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from xraylib import config
 from xraylib.errors import LocationError
@@ -112,7 +112,7 @@ def _atomic_write_file(path: Path, data: bytes) -> None:
         raise
 
 
-def _raise_unreadable(exc: OSError) -> None:
+def _raise_unreadable(exc: OSError) -> NoReturn:
     raise LocationError(f"{exc.filename} cannot be listed ({exc.strerror or exc}): check its permissions") from None
 
 
