@@ -87,6 +87,7 @@ def test_predict_takes_one_location_or_several_and_a_folder_stands_for_its_image
     several = predict_images(model, [folder / "b.jpeg", folder / "ward 2"], log=notes.append)
     assert [p.image for p in several] == [str(folder / "b.jpeg"), str(folder / "ward 2" / "c.JPG")]
     assert several[0].probability == pytest.approx(one[1].probability, abs=1e-5)  # alone or with others, one answer
+    assert predict_images(model, []) == []
 
 
 def test_weights_file_from_s3_or_disk_initialises_the_backbone(bucket, tmp_path):

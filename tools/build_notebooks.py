@@ -96,7 +96,7 @@ threshold chosen on validation. Writes `metrics.json`, `predictions.csv`, `confu
 `roc_curve.png` and `pr_curve.png` to `out`.
 
 Then classifies the images of `new_images`, which need no class folders: new scans, or
-Kaggle's `val/` split of 16 images.
+Kaggle's `val/` split of 16 images (`chest_xray/val`).
 
 Headless:
 
@@ -108,7 +108,7 @@ xraylib run test -p model s3://BUCKET/runs/resnet50 -p data s3://BUCKET/chest_xr
 data = "chest_xray"  # the dataset root holding test/, or a folder of class folders
 out = "runs/resnet50/evaluation"  # where metrics.json, predictions.csv and the pictures go
 tta = False  # True averages over slightly rotated and zoomed views: 5x the compute
-new_images = "chest_xray/val"  # images to classify: an image file, or a folder or s3:// prefix of them"""),
+new_images = []  # images to classify: an image file, a folder or s3:// prefix of them, or a list; [] for none"""),
     ("code", """%matplotlib inline
 from IPython.display import display
 

@@ -239,6 +239,8 @@ def predict_images(model: str | TrainedModel, images: str | Path | Sequence[str 
                 return str(exc)
             raise
 
+    if not names:
+        return []  # nothing asked for (the test notebook's default)
     results = storage.parallel_map(decode, names)
     dataset.report_skipped([(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, str)], log)
     kept = [(n, r) for n, r in zip(names, results, strict=True) if not isinstance(r, str)]
