@@ -97,6 +97,23 @@ def test_labels_stay_with_their_images_through_shuffling_and_batching(tmp_path):
     assert seen == 90
 
 
+def test_augmentation_varies_each_image_a_little_never_flips_and_runs_where_the_pixels_are():
+    # A bright patch on the left of a dark image, as the heart is on the left of a radiograph.
+    pixels = torch.zeros(16, 64, 64, dtype=torch.uint8)
+    pixels[:, 24:40, 8:24] = 200
+    views = dataset.augment_batch(pixels, torch.Generator().manual_seed(0))
+    assert views.shape == (16, 1, 64, 64) and views.dtype == torch.float32
+    assert views.min() >= 0 and views.max() <= 1
+    assert len({tuple(v.flatten()[::97].tolist()) for v in views}) == 16  # each image its own draw
+    assert torch.equal(views, dataset.augment_batch(pixels, torch.Generator().manual_seed(0)))  # the seed fixes them
+    columns = torch.arange(64, dtype=torch.float32)
+    weight = views[:, 0] - views[:, 0].amin(dim=(1, 2), keepdim=True)  # the patch, above the background
+    centre = (weight.sum(dim=1) * columns).sum(dim=1) / weight.sum(dim=(1, 2))
+    assert ((centre > 8) & (centre < 24)).all(), centre  # at x=15.5 before: moved a few pixels, never mirrored to 48.5
+    # Every tensor it makes follows the pixels' device (meta here, a GPU in use), none stays on the CPU.
+    assert dataset.augment_batch(pixels.to("meta"), torch.Generator().manual_seed(0)).device.type == "meta"
+
+
 def test_index_reads_the_train_split_and_ignores_non_images(tiny_dataset):
     index = dataset.list_images(str(tiny_dataset), split="train")
     assert index.class_names == ("NORMAL", "PNEUMONIA")

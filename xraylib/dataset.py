@@ -345,13 +345,14 @@ def to_model_input(pixels: Any, mean: Sequence[float], std: Sequence[float]) -> 
 
 def augment_batch(pixels: Any, generator: Any = None) -> Any:
     """Small random rotations, shifts, zoom and contrast changes, as radiographs vary; no flips
-    (the heart is on the left). uint8 [B, H, W] in, float [B, 1, H, W] in 0..1 out."""
+    (the heart is on the left). uint8 [B, H, W] in, float [B, 1, H, W] in 0..1 out, on the pixels'
+    device; the random draws come from `generator` (a CPU one), so a seed gives the same views anywhere."""
     import torch
 
     b = pixels.shape[0]
 
     def uniform(lo: float, hi: float) -> Any:
-        return torch.rand(b, generator=generator) * (hi - lo) + lo
+        return (torch.rand(b, generator=generator) * (hi - lo) + lo).to(pixels.device)
 
     x = affine_batch(pixels, angle=uniform(-10, 10), scale=uniform(0.9, 1.1), shift_x=uniform(-0.06, 0.06),
                      shift_y=uniform(-0.06, 0.06))
