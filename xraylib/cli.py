@@ -101,7 +101,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 where the hardware runs it natively, else fp32")
+                   help="auto: bf16 where the hardware runs it natively (AVX-512 BF16 or AMX CPUs, GPUs from "
+                        "Ampere on), fp16 with loss scaling on older GPUs (T4, V100), else fp32")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
     p.add_argument("--skip-bad", action="store_true", help="skip (and report) images that cannot be decoded")
     p.set_defaults(func=cmd_train)

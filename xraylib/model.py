@@ -135,7 +135,8 @@ def autocast_dtype(device: Any, precision: str) -> Any:
     if precision == "fp16":
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Ampere and later; older GPUs (T4, V100) only emulate bf16, slowly, but have fp16 tensor cores.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
         torch.cpu, "_is_amx_tile_supported", lambda: False
     )()

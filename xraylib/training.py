@@ -20,6 +20,7 @@ import io
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,10 +55,12 @@ def train_one_epoch(
     augment: bool,
     generator: Any,
     ema: Any = None,
+    scaler: Any = None,
     progress: str | None = None,
 ) -> float:
     """One pass over `data` in a random order; returns the mean training loss. `ema`, a
-    `torch.optim.swa_utils.AveragedModel` of `network`, is updated after every step."""
+    `torch.optim.swa_utils.AveragedModel` of `network`, is updated after every step; `scaler`,
+    a `torch.amp.GradScaler`, scales the loss (needed with float16)."""
     import torch
 
     network.train()
@@ -80,9 +83,18 @@ def train_one_epoch(
         with autocast(device, amp_dtype):
             loss = loss_fn(network(x).float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            scaler.update()
+        with warnings.catch_warnings():
+            # The scaler skips the first steps while it finds its scale; the schedule counts them
+            # all the same, so PyTorch's warning that the optimizer has not stepped yet is moot.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
         if ema is not None:
             ema.update_parameters(network)
         total += loss.detach() * len(labels)
@@ -205,6 +217,8 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                     pct_start=0.15)
     generator = torch.Generator().manual_seed(cfg.seed)
+    # float16 gradients underflow to zero unless the loss is scaled up; bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     ema = None
     if cfg.ema_decay:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -221,19 +235,22 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
             ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
         generator.set_state(checkpoint["generator"])
         best = json.loads(checkpoint["best_json"])
         first_epoch = int(checkpoint["epoch"]) + 1
         log(f"resuming {out} after epoch {first_epoch - 1}")
     log(f"training ResNet50 ({cfg.weights} weights) on {device.type}"
-        f"{' with ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else ''}, {cfg.epochs} epochs, "
+        f"{' with ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else ''}"
+        f"{' and loss scaling' if scaler is not None else ''}, {cfg.epochs} epochs, "
         f"{cfg.image_size}px, batch {cfg.batch_size}")
 
     for epoch in range(first_epoch, cfg.epochs + 1):
         started = time.perf_counter()
         train_loss = train_one_epoch(network, optimizer, scheduler, loss_fn, data.train, batch_size=cfg.batch_size,
                                      device=device, amp_dtype=amp_dtype, augment=cfg.augment, generator=generator,
-                                     ema=ema, progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
+                                     ema=ema, scaler=scaler, progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
         # With an EMA, the averaged weights are the ones validated and kept.
         kept = network if ema is None else ema.module
         val = validate(kept, loss_fn, data.val, device=device, amp_dtype=amp_dtype)
@@ -254,7 +271,7 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
                                       best_epoch=epoch, val_metrics=val["chosen"],
                                       data_counts={"train": len(data.train), "val": len(data.val)})
             storage.write_bytes(model_loc, model_to_bytes(kept, metadata))
-        _save_checkpoint(checkpoint_loc, network, ema, optimizer, scheduler, generator, epoch, history, best, cfg)
+        _save_checkpoint(checkpoint_loc, network, ema, scaler, optimizer, scheduler, generator, epoch, history, best, cfg)
         _write_history(out, history)
 
     log(f"best epoch {best['epoch']}: validation ROC AUC {best['roc_auc']:.4f}, accuracy "
@@ -263,12 +280,13 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
     return TrainResult(model_loc, history, int(best["epoch"]), best["metrics"], data)
 
 
-def _save_checkpoint(location: str, network: Any, ema: Any, optimizer: Any, scheduler: Any, generator: Any, epoch: int,
-                     history: list[dict[str, Any]], best: dict[str, Any], cfg: TrainConfig) -> None:
+def _save_checkpoint(location: str, network: Any, ema: Any, scaler: Any, optimizer: Any, scheduler: Any, generator: Any,
+                     epoch: int, history: list[dict[str, Any]], best: dict[str, Any], cfg: TrainConfig) -> None:
     import torch
 
     buffer = io.BytesIO()
     torch.save({"model": network.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {}),
+                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "epoch": epoch,
                 "history_json": json.dumps(history), "best_json": json.dumps(best),
