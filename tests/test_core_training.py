@@ -4,6 +4,7 @@ trains in bf16 autocast."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import torch
 from xraylib import config, dataset, storage, synthetic
 from xraylib.evaluate import evaluate_loaded
 from xraylib.model import load_model
-from xraylib.training import train
+from xraylib.training import is_better_epoch, train
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +48,24 @@ def test_short_training_run_on_s3_learns_and_writes_its_files(bucket, learnable_
     assert names == {"model.pt", "checkpoint.pt", "history.json", "training_curves.png"}
     history = json.loads(storage.read_bytes(f"{out}/history.json"))
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    # The kept epoch: the highest validation ROC AUC and, among epochs tied on it, the lowest loss.
+    top = [h for h in history if h["val_roc_auc"] == max(r["val_roc_auc"] for r in history)]
+    assert result.best_epoch == min(top, key=lambda h: h["val_loss"])["epoch"]
     model = load_model(out)
     assert model.metadata["best_epoch"] == result.best_epoch
     assert model.metadata["train_config"]["image_size"] == 48
     assert model.threshold == pytest.approx(result.val_metrics["threshold"])
     assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(model.metadata)
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in storage.read_bytes(f"{out}/model.pt").decode("latin-1")
+
+
+def test_a_higher_validation_auc_wins_and_a_tie_goes_to_the_lower_loss():
+    best = {"epoch": 3, "roc_auc": 1.0, "val_loss": 0.26}
+    assert not is_better_epoch({"val_roc_auc": 0.99, "val_loss": 0.01}, best)
+    assert is_better_epoch({"val_roc_auc": 1.0, "val_loss": 0.03}, best)  # as sure of every image, and surer
+    assert not is_better_epoch({"val_roc_auc": 1.0, "val_loss": 0.30}, best)
+    assert is_better_epoch({"val_roc_auc": 0.2, "val_loss": 5.0}, {"epoch": 0, "roc_auc": -1.0, "val_loss": math.inf})
+    assert is_better_epoch({"val_roc_auc": 1.0, "val_loss": 0.5}, {"epoch": 2, "roc_auc": 1.0})  # an older checkpoint's best
 
 
 def _history_epochs(out) -> list[int]:

@@ -24,8 +24,9 @@ TRAIN = [
 Trains a ResNet50 to tell NORMAL from PNEUMONIA chest X-rays. The data is the Kaggle
 *Chest X-Ray Images (Pneumonia)* layout, `train/<NORMAL|PNEUMONIA>/*.jpeg`, in a local folder or
 under an `s3://bucket/prefix`. A validation split is held out from `train/` by patient; the model
-of the epoch with the best validation ROC AUC is saved to `out` as `model.pt`, with its decision
-threshold, next to `checkpoint.pt`, `history.json` and `training_curves.png`.
+of the epoch with the best validation ROC AUC (on a tie, the lower validation loss) is saved to
+`out` as `model.pt`, with its decision threshold, next to `checkpoint.pt`, `history.json` and
+`training_curves.png`.
 
 Set the parameters below and run all cells, or run the notebook headless:
 `xraylib run train -p data s3://BUCKET/chest_xray -p out s3://BUCKET/runs/resnet50 -p epochs 3`.

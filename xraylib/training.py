@@ -1,11 +1,11 @@
-"""Training, top to bottom: `train_one_epoch`, `validate`, `load_data`, `set_up_training`, then
-`train`, the run.
+"""Training, top to bottom: `train_one_epoch`, `validate`, `load_data`, `is_better_epoch`,
+`set_up_training`, then `train`, the run.
 
 A run reads the `train/` split, holds out a validation split by patient, trains a ResNet50 with
 a class-weighted loss, AdamW and a one-cycle schedule, validates every epoch, keeps the epoch
-with the best validation ROC AUC and picks the decision threshold on validation. With
-`ema_decay`, an exponential moving average of the weights is what gets validated and kept. It
-writes into the output location:
+with the best validation ROC AUC (on a tie, the lower validation loss) and picks the decision
+threshold on validation. With `ema_decay`, an exponential moving average of the weights is what
+gets validated and kept. It writes into the output location:
 
 - `model.pt`: the best model so far, with its metadata (see `model.py`);
 - `checkpoint.pt`: the state after the last finished epoch, for `resume`;
@@ -187,6 +187,13 @@ def _load_checkpoint(location: str) -> dict[str, Any] | None:
     return torch.load(io.BytesIO(storage.read_bytes(location)), map_location="cpu", weights_only=True)
 
 
+def is_better_epoch(row: dict[str, Any], best: dict[str, Any]) -> bool:
+    """Whether an epoch's history `row` beats the `best` kept so far: the higher validation ROC AUC,
+    or on a tie the lower validation loss. Small or easy validation sets reach an AUC of 1.0 in
+    an early epoch; the loss then tells the still unsure model from the sure one."""
+    return (row["val_roc_auc"], -row["val_loss"]) > (best["roc_auc"], -best.get("val_loss", math.inf))
+
+
 def set_up_training(network: Any, *, device: Any, precision: str, lr: float, weight_decay: float) -> tuple[Any, Any, Any]:
     """Move `network` to `device` in channels-last memory; return the optimizer, the autocast
     dtype (None for fp32) and the loss scaler (None unless fp16) that `train` steps with."""
@@ -238,7 +245,7 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    best = {"epoch": 0, "roc_auc": -1.0, "metrics": {}}
+    best = {"epoch": 0, "roc_auc": -1.0, "val_loss": math.inf, "metrics": {}}
     first_epoch = 1
     if checkpoint is not None:
         network.load_state_dict(checkpoint["model"])
@@ -274,12 +281,12 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
                "val_sensitivity": val["at_half"]["sensitivity"], "val_specificity": val["at_half"]["specificity"],
                "lr": scheduler.get_last_lr()[0], "seconds": seconds}
         history.append(row)
-        improved = row["val_roc_auc"] > best["roc_auc"]
+        improved = is_better_epoch(row, best)
         log(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
             f"val ROC AUC {row['val_roc_auc']:.4f}  val accuracy {row['val_accuracy']:.4f}  "
             f"{seconds:.0f}s{'  (best so far)' if improved else ''}")
         if improved:
-            best = {"epoch": epoch, "roc_auc": row["val_roc_auc"], "metrics": val["chosen"]}
+            best = {"epoch": epoch, "roc_auc": row["val_roc_auc"], "val_loss": row["val_loss"], "metrics": val["chosen"]}
             metadata = model_metadata(class_names=data.index.class_names, image_size=cfg.image_size,
                                       threshold=val["chosen"]["threshold"], train_config=cfg.to_dict(),
                                       best_epoch=epoch, val_metrics=val["chosen"],
