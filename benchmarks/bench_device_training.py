@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -32,9 +33,20 @@ def random_images(n: int, image_size: int, seed: int) -> dataset.LoadedImages:
     return dataset.LoadedImages(pixels, labels, records, ("NORMAL", "PNEUMONIA"))
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def images_per_second(epoch: Callable[[dataset.LoadedImages], None], data: dataset.LoadedImages,
+                      warmup: dataset.LoadedImages, device: torch.device) -> float:
+    """`epoch` over `warmup` untimed (cuDNN's kernel search, the allocator), then over `data` timed."""
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    epoch(warmup)
+    synchronize()
+    started = time.perf_counter()
+    epoch(data)
+    synchronize()
+    return len(data) / (time.perf_counter() - started)
 
 
 def xraylib_loop(data: dataset.LoadedImages, warmup: dataset.LoadedImages, *, batch_size: int,
@@ -51,12 +63,7 @@ def xraylib_loop(data: dataset.LoadedImages, warmup: dataset.LoadedImages, *, ba
         train_one_epoch(network, optimizer, scheduler, torch.nn.CrossEntropyLoss(), part, batch_size=batch_size,
                         device=device, amp_dtype=amp_dtype, augment=True, generator=generator, scaler=scaler)
 
-    epoch(warmup)
-    synchronize(device)
-    started = time.perf_counter()
-    epoch(data)
-    synchronize(device)
-    return len(data) / (time.perf_counter() - started)
+    return images_per_second(epoch, data, warmup, device)
 
 
 def plain_loop(data: dataset.LoadedImages, warmup: dataset.LoadedImages, *, batch_size: int,
@@ -75,12 +82,7 @@ def plain_loop(data: dataset.LoadedImages, warmup: dataset.LoadedImages, *, batc
             loss_fn(network(x), labels.to(device)).backward()
             optimizer.step()
 
-    epoch(warmup)
-    synchronize(device)
-    started = time.perf_counter()
-    epoch(data)
-    synchronize(device)
-    return len(data) / (time.perf_counter() - started)
+    return images_per_second(epoch, data, warmup, device)
 
 
 def main() -> None:

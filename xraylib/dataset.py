@@ -287,6 +287,26 @@ def _load_one(record: ImageRecord, image_size: int, cache_dir: Path) -> np.ndarr
     return pixels
 
 
+def decode_each(
+    load: Callable[[Any], np.ndarray], items: Sequence[Any], *, skip_bad: bool, progress: str | None = None
+) -> tuple[list[tuple[Any, np.ndarray]], list[tuple[Any, str]]]:
+    """`load` every item on the thread pool: (item, pixels) for those decoded, (item, reason) for
+    those skipped. A bad image raises its ImageDecodeError, unless `skip_bad` sets it aside."""
+
+    def attempt(item: Any) -> np.ndarray | str:
+        try:
+            return load(item)
+        except ImageDecodeError as exc:
+            if skip_bad:
+                return str(exc)
+            raise
+
+    results = storage.parallel_map(attempt, items, progress=progress)
+    kept = [(item, px) for item, px in zip(items, results, strict=True) if not isinstance(px, str)]
+    skipped = [(item, px) for item, px in zip(items, results, strict=True) if isinstance(px, str)]
+    return kept, skipped
+
+
 def load_images(
     index: ImageIndex,
     image_size: int,
@@ -300,18 +320,9 @@ def load_images(
     import torch
 
     cache_dir = cache_dir or config.default_cache_dir()
-
-    def load(record: ImageRecord) -> np.ndarray | str:
-        try:
-            return _load_one(record, image_size, cache_dir)
-        except ImageDecodeError as exc:
-            if skip_bad:
-                return str(exc)
-            raise
-
-    results = storage.parallel_map(load, index.records, progress="loading images" if progress else None)
-    kept = [(r, px) for r, px in zip(index.records, results, strict=True) if not isinstance(px, str)]
-    skipped = [(r.obj.location, px) for r, px in zip(index.records, results, strict=True) if isinstance(px, str)]
+    kept, bad = decode_each(lambda record: _load_one(record, image_size, cache_dir), index.records, skip_bad=skip_bad,
+                            progress="loading images" if progress else None)
+    skipped = [(r.obj.location, reason) for r, reason in bad]
     if not kept:
         raise DatasetError(f"none of the {len(index)} images in {index.root} could be decoded")
     pixels = torch.from_numpy(np.stack([px for _, px in kept]))

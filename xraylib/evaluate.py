@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from xraylib import config, dataset, storage
-from xraylib.errors import DatasetError, ImageDecodeError
+from xraylib.errors import DatasetError
 from xraylib.model import TrainedModel, autocast, autocast_dtype, inference_network, load_model, resolve_device
 
 
@@ -225,25 +225,17 @@ def predict_images(model: str | TrainedModel, images: str | Path | Sequence[str 
     it via `log`."""
     import torch
 
-    trained = load_model(model) if isinstance(model, str) else model
     locations = [images] if isinstance(images, str | Path) else images  # one string is one location, not its letters
     names, ignored = dataset.find_images([str(i) for i in locations])
     if ignored:
         log(f"ignored {len(ignored)} non-image file(s)")
-
-    def decode(location: str) -> np.ndarray | str:
-        try:
-            return dataset.decode_image(storage.read_bytes(location), trained.image_size, location)
-        except ImageDecodeError as exc:
-            if skip_bad:
-                return str(exc)
-            raise
-
     if not names:
         return []  # nothing asked for (the test notebook's default)
-    results = storage.parallel_map(decode, names)
-    dataset.report_skipped([(n, r) for n, r in zip(names, results, strict=True) if isinstance(r, str)], log)
-    kept = [(n, r) for n, r in zip(names, results, strict=True) if not isinstance(r, str)]
+    trained = load_model(model) if isinstance(model, str) else model
+    kept, skipped = dataset.decode_each(
+        lambda location: dataset.decode_image(storage.read_bytes(location), trained.image_size, location),
+        names, skip_bad=skip_bad)
+    dataset.report_skipped(skipped, log)
     if not kept:
         raise DatasetError(f"none of the {len(names)} images could be decoded: the reasons are listed above")
     pixels = torch.from_numpy(np.stack([r for _, r in kept]))
