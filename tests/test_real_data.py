@@ -15,7 +15,8 @@ from xraylib.training import train
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real images not found at {REAL_DATA}"),
+    pytest.mark.skipif(not REAL_DATA.is_dir(),
+                       reason=f"real images not found at {REAL_DATA}: set XRAYLIB_REAL_DATA to the train/ folder"),
 ]
 
 
