@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from xraylib import dataset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for tests.realdata
 
-REAL_TRAIN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray" / "train"
+from tests.realdata import NOT_FOUND, REAL_DATA
+from xraylib import dataset
 
 
 def real_train_folder() -> Path:
-    folder = Path(os.environ.get("XRAYLIB_REAL_DATA", REAL_TRAIN))
-    if not folder.is_dir():
-        raise SystemExit(f"real chest X-rays not found at {folder}: set XRAYLIB_REAL_DATA to the train/ folder")
-    return folder
+    if not REAL_DATA.is_dir():
+        raise SystemExit(NOT_FOUND)
+    return REAL_DATA
 
 
 def make_holdout_root(source: Path, dest: Path, holdout_fraction: float = 0.15, seed: int = 1234) -> tuple[int, int]:

@@ -3,17 +3,12 @@ a fresh bucket per test, an isolated cache, and generated datasets."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
 import pytest
 
 from xraylib import locals3, synthetic
-
-# The real training images, as the benchmarks find them: XRAYLIB_REAL_DATA, else ../shared/data beside the checkout.
-REAL_DATA = Path(os.environ.get("XRAYLIB_REAL_DATA")
-                 or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray" / "train")
 
 
 @pytest.fixture(scope="session")

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import REAL_DATA
+from tests.realdata import NOT_FOUND, REAL_DATA
 from xraylib import config, dataset, storage
 from xraylib.evaluate import evaluate_model
 from xraylib.training import train
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not REAL_DATA.is_dir(),
-                       reason=f"real images not found at {REAL_DATA}: set XRAYLIB_REAL_DATA to the train/ folder"),
+    pytest.mark.skipif(not REAL_DATA.is_dir(), reason=NOT_FOUND),
 ]
 
 

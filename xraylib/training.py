@@ -74,36 +74,36 @@ def train_one_epoch(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=progress, unit="batch", leave=False)
-    for pixels, labels, _ in batches:
-        if len(labels) < 2:
-            continue  # BatchNorm cannot train on a batch of one
-        x = pixels.to(device, non_blocking=True)  # uint8, 4x smaller to move than floats; augmented there
-        x = dataset.augment_batch(x, generator) if augment else x
-        x = dataset.to_model_input(x, config.IMAGENET_MEAN, config.IMAGENET_STD)
-        labels = labels.to(device)
-        with autocast(device, amp_dtype):
-            loss = loss_fn(network(x).float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-            scaler.update()
-        with warnings.catch_warnings():
-            # The scaler skips the first steps while it finds its scale; the schedule counts them
-            # all the same, so PyTorch's warning that the optimizer has not stepped yet is moot.
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+    with warnings.catch_warnings():
+        # The scaler skips the first steps while it finds its scale; the schedule counts them all
+        # the same, so PyTorch's warning that the optimizer has not stepped yet is moot.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        for pixels, labels, _ in batches:
+            if len(labels) < 2:
+                continue  # BatchNorm cannot train on a batch of one
+            x = pixels.to(device, non_blocking=True)  # uint8, 4x smaller to move than floats; augmented there
+            x = dataset.augment_batch(x, generator) if augment else x
+            x = dataset.to_model_input(x, config.IMAGENET_MEAN, config.IMAGENET_STD)
+            labels = labels.to(device)
+            with autocast(device, amp_dtype):
+                loss = loss_fn(network(x).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                scaler.update()
             scheduler.step()
-        if ema is not None:
-            ema.update_parameters(network)
-        total += loss.detach() * len(labels)
-        seen += len(labels)
-        if bar is not None:
-            bar.update(1)
-            if bar.n % 10 == 0 or bar.n == steps:
-                bar.set_postfix(loss=f"{float(total) / seen:.4f}")
+            if ema is not None:
+                ema.update_parameters(network)
+            total += loss.detach() * len(labels)
+            seen += len(labels)
+            if bar is not None:
+                bar.update(1)
+                if bar.n % 10 == 0 or bar.n == steps:
+                    bar.set_postfix(loss=f"{float(total) / seen:.4f}")
     if bar is not None:
         bar.close()
     mean_loss = float(total) / max(seen, 1)
