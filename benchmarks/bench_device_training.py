@@ -61,7 +61,8 @@ def xraylib_loop(data: dataset.LoadedImages, warmup: dataset.LoadedImages, *, ba
 
     def epoch(part: dataset.LoadedImages) -> None:
         train_one_epoch(network, optimizer, scheduler, torch.nn.CrossEntropyLoss(), part, batch_size=batch_size,
-                        device=device, amp_dtype=amp_dtype, augment=True, generator=generator, scaler=scaler)
+                        device=device, amp_dtype=amp_dtype, augment=config.TrainConfig.augment, generator=generator,
+                        scaler=scaler)
 
     return images_per_second(epoch, data, warmup, device)
 

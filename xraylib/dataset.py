@@ -3,7 +3,8 @@
 - `list_images` indexes a location in the Kaggle layout (`<split>/<CLASS>/*.jpeg`, or a location
   that is itself `<CLASS>/...`) into records that carry key, label and patient together.
 - `split_by_patient` carves a validation split that keeps each patient on one side.
-- `decode_image` turns image *file bytes* (JPEG, PNG; any size and mode) into a grayscale square.
+- `decode_image` turns image *file bytes* (JPEG, PNG; any size and mode) into a grayscale square;
+  `equalize` then applies the model's contrast normalization (none, or histogram equalization).
 - `load_images` fetches and decodes many images in parallel through two caches (the S3 object
   cache, and a cache of decoded, resized pixels), and returns pixels and labels in one object,
   so that no shuffle can separate an image from its label.
@@ -255,6 +256,23 @@ def decode_image(data: bytes, image_size: int, name: str) -> np.ndarray:
         ) from None
 
 
+def equalize(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Contrast normalization of one uint8 image: 'none', or 'histogram' (global histogram
+    equalization). Equalizing maps every monotonic change of the intensity curve (exposure,
+    gamma, contrast, a detector's response) to the same image, so the model cannot learn one
+    scanner's grey levels as a cue."""
+    if mode == "none":
+        return pixels
+    if mode != "histogram":
+        raise ValueError(f"unknown equalize mode {mode!r}: choose one of {', '.join(config.EQUALIZE_MODES)}")
+    cdf = np.bincount(pixels.ravel(), minlength=256).cumsum()
+    low, total = cdf[np.flatnonzero(cdf)[0]], cdf[-1]
+    if total == low:  # a flat image: nothing to spread
+        return pixels
+    lut = np.clip(np.round((cdf - low) * 255.0 / (total - low)), 0, 255).astype(np.uint8)
+    return lut[pixels]
+
+
 @dataclass
 class LoadedImages:
     """Decoded pixels with their labels and records, index-aligned: row i of each belongs together."""
@@ -311,17 +329,19 @@ def load_images(
     index: ImageIndex,
     image_size: int,
     *,
+    equalize_mode: str = "none",
     skip_bad: bool = False,
     cache_dir: Path | None = None,
     progress: bool = False,
 ) -> LoadedImages:
-    """Fetch and decode every image of `index`. A bad image raises ImageDecodeError naming it,
-    unless `skip_bad`, which leaves it out and lists it in `skipped`."""
+    """Fetch and decode every image of `index`, then `equalize` it with `equalize_mode`. A bad
+    image raises ImageDecodeError naming it, unless `skip_bad`, which leaves it out and lists it
+    in `skipped`."""
     import torch
 
     cache_dir = cache_dir or config.default_cache_dir()
-    kept, bad = decode_each(lambda record: _load_one(record, image_size, cache_dir), index.records, skip_bad=skip_bad,
-                            progress="loading images" if progress else None)
+    kept, bad = decode_each(lambda record: equalize(_load_one(record, image_size, cache_dir), equalize_mode),
+                            index.records, skip_bad=skip_bad, progress="loading images" if progress else None)
     skipped = [(r.obj.location, reason) for r, reason in bad]
     if not kept:
         raise DatasetError(f"none of the {len(index)} images in {index.root} could be decoded")
@@ -354,23 +374,78 @@ def to_model_input(pixels: Any, mean: Sequence[float], std: Sequence[float]) -> 
     return ((x - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
 
 
-def augment_batch(pixels: Any, generator: Any = None) -> Any:
-    """Small random rotations, shifts, zoom and contrast changes, as radiographs vary; no flips
-    (the heart is on the left). uint8 [B, H, W] in, float [B, 1, H, W] in 0..1 out, on the pixels'
-    device; the random draws come from `generator` (a CPU one), so a seed gives the same views anywhere."""
+def augment_batch(pixels: Any, generator: Any = None, level: str = "acquisition") -> Any:
+    """Random changes of the kind radiographs vary by; no flips (the heart is on the left).
+
+    - 'geometry': small rotations, shifts and zoom, and contrast and brightness.
+    - 'acquisition': those, and what another detector or protocol changes: gamma, softness
+      (Gaussian blur), detector noise and a dark frame. Softness matters most: in the training
+      images NORMAL films are much sharper than PNEUMONIA ones (their originals were larger),
+      sharpness alone telling them apart with ROC AUC 0.88, so a model can learn "sharp means
+      normal" and call a soft normal film from another scanner pneumonia. Blurring and adding
+      noise at random breaks that link; the dark frame does the same for the wider black borders
+      of the NORMAL films.
+
+    uint8 [B, H, W] in, float [B, 1, H, W] in 0..1 out, on the pixels' device; the random draws
+    come from `generator` (a CPU one), so a seed gives the same views anywhere."""
     import torch
 
+    if level not in config.AUGMENT_LEVELS or level == "none":
+        raise ValueError(f"unknown augmentation level {level!r}: choose one of {', '.join(config.AUGMENT_LEVELS[1:])}")
     b = pixels.shape[0]
 
     def uniform(lo: float, hi: float) -> Any:
         return (torch.rand(b, generator=generator) * (hi - lo) + lo).to(pixels.device)
 
+    def chance(p: float) -> Any:
+        return (torch.rand(b, generator=generator) < p).to(pixels.device)
+
     x = affine_batch(pixels, angle=uniform(-10, 10), scale=uniform(0.9, 1.1), shift_x=uniform(-0.06, 0.06),
                      shift_y=uniform(-0.06, 0.06))
+    if level == "acquisition":
+        gamma = torch.exp(uniform(-0.25, 0.25)).view(b, 1, 1, 1)  # 0.78..1.28
+        x = x.clamp(min=1e-6).pow(gamma)
+        x = _blur_batch(x, torch.where(chance(0.5), uniform(0.2, 1.2), torch.zeros_like(uniform(0, 1))))
     contrast = uniform(0.85, 1.15).view(b, 1, 1, 1)
     brightness = uniform(-0.08, 0.08).view(b, 1, 1, 1)
     mean = x.mean(dim=(2, 3), keepdim=True)
-    return ((x - mean) * contrast + mean + brightness).clamp_(0, 1)
+    x = (x - mean) * contrast + mean + brightness
+    if level == "acquisition":
+        sigma = torch.where(chance(0.5), uniform(0.0, 0.03), torch.zeros_like(uniform(0, 1))).view(b, 1, 1, 1)
+        x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
+        x = _dark_frame(x, torch.where(chance(0.2), uniform(0.0, 0.06), torch.zeros_like(uniform(0, 1))))
+    return x.clamp_(0, 1)
+
+
+def _blur_batch(x: Any, sigma: Any) -> Any:
+    """Gaussian blur of each image [B, 1, H, W] with its own `sigma` in pixels (0 leaves it as it is)."""
+    import torch
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    radius = 3
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    s = sigma.to(x.dtype).clamp(min=1e-3).view(b, 1)
+    kernel = torch.exp(-0.5 * (offsets.view(1, -1) / s) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # [B, 7]; sigma 0 gives a single 1 in the middle
+    flat = x.reshape(1, b, *x.shape[2:])
+    flat = F.pad(flat, (radius, radius, radius, radius), mode="replicate")
+    flat = F.conv2d(flat, kernel.view(b, 1, 1, -1), groups=b)
+    flat = F.conv2d(flat, kernel.view(b, 1, -1, 1), groups=b)
+    return flat.reshape(x.shape)
+
+
+def _dark_frame(x: Any, fraction: Any) -> Any:
+    """A black border of `fraction` of the side around each image (0: none)."""
+    import torch
+
+    h, w = x.shape[-2:]
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    edge_h = (fraction * h).view(-1, 1, 1)
+    edge_w = (fraction * w).view(-1, 1, 1)
+    inside = (rows >= edge_h) & (rows < h - edge_h) & (cols >= edge_w) & (cols < w - edge_w)
+    return x * inside.unsqueeze(1).to(x.dtype)
 
 
 def affine_batch(pixels: Any, *, angle: Any, scale: Any, shift_x: Any, shift_y: Any) -> Any:
@@ -408,6 +483,7 @@ __all__ = [
     "affine_batch",
     "augment_batch",
     "decode_image",
+    "equalize",
     "find_images",
     "iter_batches",
     "list_images",

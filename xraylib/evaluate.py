@@ -24,7 +24,7 @@ from xraylib.errors import DatasetError
 from xraylib.model import TrainedModel, autocast, autocast_dtype, inference_network, load_model, resolve_device
 
 
-def predict_probabilities(
+def predict_logits(
     network: Any,
     pixels: Any,
     *,
@@ -35,8 +35,10 @@ def predict_probabilities(
     amp_dtype: Any = None,
     tta: bool = False,
 ) -> np.ndarray:
-    """P(positive class) for each uint8 [H, W] image in `pixels` ([N, H, W]); with `tta`, the
-    mean over the views in `config.TTA_VIEWS`. `batch_size` defaults to `eval_batch_size`'s."""
+    """The log-odds of the positive class for each uint8 [H, W] image in `pixels` ([N, H, W]);
+    with `tta`, the mean over the views in `config.TTA_VIEWS`. `batch_size` defaults to
+    `eval_batch_size`'s. Log-odds, not probabilities, because float32 probabilities saturate at 1.0
+    and calibration needs the margin."""
     import torch
 
     device = torch.device(device) if device is not None else next(network.parameters()).device
@@ -50,10 +52,51 @@ def predict_probabilities(
             views = [batch] if not tta else [
                 dataset.affine_batch(batch, angle=a, scale=z, shift_x=sx, shift_y=sy) for a, z, sx, sy in config.TTA_VIEWS
             ]
-            probs = [torch.softmax(network(dataset.to_model_input(v, mean, std)).float(), dim=1)[:, 1] for v in views]
-            out.append(torch.stack(probs).mean(0).cpu())
+            margins = []
+            for view in views:
+                logits = network(dataset.to_model_input(view, mean, std)).float()
+                margins.append(logits[:, 1] - logits[:, 0])
+            out.append(torch.stack(margins).mean(0).cpu())
     network.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+    return torch.cat(out).double().numpy() if out else np.zeros(0, dtype=np.float64)
+
+
+def probabilities_from_logits(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """P(positive class) from log-odds, divided by `temperature` first (calibration)."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+
+
+def predict_probabilities(network: Any, pixels: Any, *, temperature: float = 1.0, **kwargs: Any) -> np.ndarray:
+    """P(positive class) for each image: `predict_logits` (which takes the other arguments) scaled
+    by the model's calibration `temperature`."""
+    return probabilities_from_logits(predict_logits(network, pixels, **kwargs), temperature)
+
+
+def fit_temperature(labels: Sequence[int], logits: Sequence[float]) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 whose probabilities sigmoid(logit / T) have
+    the lowest log loss on these images. It changes no ranking and no decision at a threshold moved
+    with it; it makes the probabilities honest. 1.0 when the images hold one class."""
+    y = np.asarray(labels, dtype=float)
+    z = np.asarray(logits, dtype=float)
+    if len(set(y.tolist())) < 2:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        return float(np.mean(np.logaddexp(0.0, s) - y * s))  # -log sigmoid for positives, -log(1-sigmoid) else
+
+    # Golden-section search on log T over [1/20, 20]: the loss is smooth and has one minimum there.
+    lo, hi = np.log(0.05), np.log(20.0)
+    ratio = (np.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    for _ in range(60):
+        if nll(a) < nll(b):
+            hi, b = b, a
+            a = hi - ratio * (hi - lo)
+        else:
+            lo, a = a, b
+            b = lo + ratio * (hi - lo)
+    return float(np.exp((lo + hi) / 2))
 
 
 def eval_batch_size(device: Any, pixels_per_image: int) -> int:
@@ -94,20 +137,40 @@ def compute_metrics(labels: Sequence[int], probabilities: Sequence[float], thres
     }
 
 
-def choose_threshold(labels: Sequence[int], probabilities: Sequence[float]) -> float:
-    """A threshold that maximizes sensitivity + specificity (Youden's J) on these images,
-    halfway between two of their probabilities; 0.5 when they hold only one class."""
+THRESHOLD_POLICIES = config.THRESHOLD_POLICIES
+
+
+def choose_threshold(labels: Sequence[int], probabilities: Sequence[float], policy: str = "youden") -> float:
+    """The decision threshold a `policy` picks on these (validation) images; 0.5 when they hold
+    only one class.
+
+    - 'balanced': where sensitivity equals specificity; the threshold sits inside the overlap of
+      the two classes' scores, not at the edge of a gap that an easy split leaves wide open.
+    - 'youden': the highest sensitivity + specificity (Youden's J). On a split the model separates
+      almost perfectly, every threshold in the gap ties and this lands at its edge.
+    - 'half': 0.5, no tuning: the training loss weighs both classes equally, so 0.5 is its
+      balanced decision.
+    - 'sensitivity-0.95': the highest threshold that still finds 95% of the positives.
+
+    A chosen threshold lies halfway between two of the images' probabilities, so that no image sits
+    exactly on it, where rounding (batch norms folded for evaluation) could flip it."""
+    y = np.asarray(labels, dtype=int)
+    p = np.asarray(probabilities, dtype=float)
+    if policy not in THRESHOLD_POLICIES:
+        raise ValueError(f"unknown threshold policy {policy!r}: choose one of {', '.join(THRESHOLD_POLICIES)}")
+    if policy == "half" or len(set(y.tolist())) < 2:
+        return 0.5
     from sklearn.metrics import roc_curve
 
-    y = np.asarray(labels, dtype=int)
-    if len(set(y.tolist())) < 2:
-        return 0.5
-    fpr, tpr, thresholds = roc_curve(y, np.asarray(probabilities, dtype=float), drop_intermediate=False)
-    best = int(np.argmax(tpr - fpr))
+    fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+    if policy == "youden":
+        best = int(np.argmax(tpr - fpr))
+    elif policy == "balanced":
+        best = int(np.argmin(np.abs(tpr - (1 - fpr))))
+    else:
+        best = int(np.flatnonzero(tpr >= float(policy.split("-")[1]))[0])
     upper = thresholds[best]
     lower = thresholds[best + 1] if best + 1 < len(thresholds) else 0.0
-    # Halfway to the next lower probability: the same decisions on these images, but no image sits
-    # exactly on the threshold, where rounding (batch norms folded for evaluation) could flip it.
     threshold = (upper + lower) / 2 if np.isfinite(upper) else 1.0
     return float(min(max(threshold, 0.0), 1.0))
 
@@ -146,7 +209,8 @@ def evaluate_loaded(
     torch_device = resolve_device(device)
     network = inference_network(model.network.to(torch_device))
     probs = predict_probabilities(network, data.pixels, mean=model.mean, std=model.std, device=torch_device,
-                                  amp_dtype=autocast_dtype(torch_device, precision), tta=tta)
+                                  amp_dtype=autocast_dtype(torch_device, precision), tta=tta,
+                                  temperature=model.temperature)
     labels = data.labels.numpy()
     metrics = compute_metrics(labels, probs, model.threshold)
     metrics["tta_views"] = len(config.TTA_VIEWS) if tta else 1
@@ -200,7 +264,8 @@ def evaluate_model(
     the threshold stays the one chosen at training."""
     trained = load_model(model) if isinstance(model, str) else model
     index = dataset.list_images(data, split="test")
-    loaded = dataset.load_images(index, trained.image_size, skip_bad=skip_bad, progress=progress)
+    loaded = dataset.load_images(index, trained.image_size, equalize_mode=trained.equalize, skip_bad=skip_bad,
+                                 progress=progress)
     evaluation = evaluate_loaded(trained, loaded, device=device, tta=tta)
     if out is not None:
         write_evaluation(evaluation, out)
@@ -233,7 +298,8 @@ def predict_images(model: str | TrainedModel, images: str | Path | Sequence[str 
         return []  # nothing asked for (the test notebook's default)
     trained = load_model(model) if isinstance(model, str) else model
     kept, skipped = dataset.decode_each(
-        lambda location: dataset.decode_image(storage.read_bytes(location), trained.image_size, location),
+        lambda location: dataset.equalize(dataset.decode_image(storage.read_bytes(location), trained.image_size, location),
+                                          trained.equalize),
         names, skip_bad=skip_bad)
     dataset.report_skipped(skipped, log)
     if not kept:
@@ -241,6 +307,6 @@ def predict_images(model: str | TrainedModel, images: str | Path | Sequence[str 
     pixels = torch.from_numpy(np.stack([r for _, r in kept]))
     # Folding the batch norms costs a fraction of a second: worth it for a batch, not for one image.
     network = inference_network(trained.network) if len(kept) >= 16 else trained.network
-    probs = predict_probabilities(network, pixels, mean=trained.mean, std=trained.std)
+    probs = predict_probabilities(network, pixels, mean=trained.mean, std=trained.std, temperature=trained.temperature)
     return [Prediction(name, trained.class_names[int(p >= trained.threshold)], float(p))
             for (name, _), p in zip(kept, probs.tolist(), strict=True)]

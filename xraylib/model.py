@@ -4,8 +4,9 @@
 head, starting from ImageNet weights (for users who are online), from a weights file (local or
 S3), or from nothing.
 
-A model file holds the weights and all that is needed to use them: class names, preprocessing,
-decision threshold, training parameters, validation metrics, library versions. It is a
+A model file holds the weights and all that is needed to use them: class names, preprocessing
+(size, contrast normalization), calibration temperature, decision threshold and the policy that
+chose it, training parameters, validation metrics, library versions. It is a
 `torch.save` archive of tensors plus one JSON string, read back with `weights_only=True`, so
 loading a file from a shared bucket can never run code. `load_model` takes a model file or the
 folder a training run wrote.
@@ -193,9 +194,19 @@ class TrainedModel:
     def threshold(self) -> float:
         return float(self.metadata["threshold"])
 
+    @property
+    def equalize(self) -> str:
+        """The contrast normalization the model was trained with ('none' for older model files)."""
+        return str(self.metadata["preprocessing"].get("equalize", "none"))
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature fitted on validation (1.0, none, for older model files)."""
+        return float(self.metadata.get("temperature", 1.0))
+
 
 def model_metadata(
-    *, class_names: tuple[str, str], image_size: int, threshold: float, **extra: Any
+    *, class_names: tuple[str, str], image_size: int, threshold: float, equalize: str = "none", **extra: Any
 ) -> dict[str, Any]:
     """The metadata every model file carries, plus whatever else the caller records."""
     from xraylib.dataset import DECODER_VERSION
@@ -208,6 +219,7 @@ def model_metadata(
             "resize": "squash-bilinear",
             "mean": list(config.IMAGENET_MEAN),
             "std": list(config.IMAGENET_STD),
+            "equalize": equalize,
             "decoder_version": DECODER_VERSION,
         },
         "threshold": threshold,

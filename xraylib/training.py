@@ -17,6 +17,7 @@ Every file is written whole or not at all, so a run killed at any moment resumes
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -26,10 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from xraylib import config, dataset, storage
+from xraylib import budget, config, dataset, storage
 from xraylib.config import TrainConfig
 from xraylib.errors import ConfigError
-from xraylib.evaluate import choose_threshold, compute_metrics, predict_probabilities
+from xraylib.evaluate import choose_threshold, compute_metrics, fit_temperature, predict_logits, probabilities_from_logits
 from xraylib.model import (
     autocast,
     autocast_dtype,
@@ -53,13 +54,14 @@ def train_one_epoch(
     batch_size: int,
     device: Any,
     amp_dtype: Any,
-    augment: bool,
+    augment: str,
     generator: Any,
     ema: Any = None,
     scaler: Any = None,
     progress: str | None = None,
 ) -> float:
-    """One pass over `data` in a random order; returns the mean training loss. `ema`, a
+    """One pass over `data` in a random order, augmented at level `augment` (`config.AUGMENT_LEVELS`);
+    returns the mean training loss. `ema`, a
     `torch.optim.swa_utils.AveragedModel` of `network`, is updated after every step; `scaler`,
     a `torch.amp.GradScaler`, scales the loss (needed with float16)."""
     import torch
@@ -82,7 +84,7 @@ def train_one_epoch(
             if len(labels) < 2:
                 continue  # BatchNorm cannot train on a batch of one
             x = pixels.to(device, non_blocking=True)  # uint8, 4x smaller to move than floats; augmented there
-            x = dataset.augment_batch(x, generator) if augment else x
+            x = dataset.augment_batch(x, generator, augment) if augment != "none" else x
             x = dataset.to_model_input(x, config.IMAGENET_MEAN, config.IMAGENET_STD)
             labels = labels.to(device)
             with autocast(device, amp_dtype):
@@ -112,21 +114,24 @@ def train_one_epoch(
     return mean_loss
 
 
-def validate(network: Any, loss_fn: Any, data: dataset.LoadedImages, *, device: Any, amp_dtype: Any) -> dict[str, Any]:
-    """Validation metrics at threshold 0.5 and at the threshold chosen on these images.
+def validate(network: Any, loss_fn: Any, data: dataset.LoadedImages, *, device: Any, amp_dtype: Any,
+             threshold_policy: str) -> dict[str, Any]:
+    """Validation loss, the calibration temperature fitted here, and metrics at threshold 0.5 and
+    at the threshold `threshold_policy` picks on these images (on calibrated probabilities).
 
     Scored with the batch norms folded, as `evaluate` and `predict` score: faster, and the
     threshold is chosen on the very numbers those will compute."""
     import torch
 
-    probs = predict_probabilities(inference_network(network), data.pixels, mean=config.IMAGENET_MEAN, std=config.IMAGENET_STD,
-                                  device=device, amp_dtype=amp_dtype)
+    logits = predict_logits(inference_network(network), data.pixels, mean=config.IMAGENET_MEAN, std=config.IMAGENET_STD,
+                            device=device, amp_dtype=amp_dtype)
     labels = data.labels.numpy()
-    p = torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7)
-    logits = torch.stack([torch.log(1 - p), torch.log(p)], dim=1).float()
-    val_loss = float(loss_fn(logits.to(device), data.labels.to(device)))
-    threshold = choose_threshold(labels, probs)
-    return {"loss": val_loss, "at_half": compute_metrics(labels, probs, 0.5),
+    margins = torch.from_numpy(logits).float()
+    val_loss = float(loss_fn(torch.stack([torch.zeros_like(margins), margins], dim=1).to(device), data.labels.to(device)))
+    temperature = fit_temperature(labels, logits)
+    probs = probabilities_from_logits(logits, temperature)
+    threshold = choose_threshold(labels, probs, threshold_policy)
+    return {"loss": val_loss, "temperature": temperature, "at_half": compute_metrics(labels, probs, 0.5),
             "chosen": compute_metrics(labels, probs, threshold)}
 
 
@@ -137,14 +142,15 @@ class TrainingData:
     index: dataset.ImageIndex
 
 
-def load_data(data: str, *, image_size: int, val_fraction: float, seed: int, skip_bad: bool,
-              log: Log = print, progress: bool = True) -> TrainingData:
-    """Index the `train/` split, split it by patient, and decode both sides."""
-    index = dataset.list_images(data, split="train")
+def load_data(data: str, *, image_size: int, val_fraction: float, seed: int, skip_bad: bool, equalize: str = "none",
+              index: dataset.ImageIndex | None = None, log: Log = print, progress: bool = True) -> TrainingData:
+    """Index the `train/` split (unless its `index` is given), split it by patient, and decode (and
+    `equalize`) both sides."""
+    index = index or dataset.list_images(data, split="train")
     log(f"found {index.describe()}")
     train_index, val_index = dataset.split_by_patient(index, val_fraction, seed)
     loaded = dataset.load_images(index.subset(train_index.records + val_index.records), image_size,
-                                 skip_bad=skip_bad, progress=progress)
+                                 equalize_mode=equalize, skip_bad=skip_bad, progress=progress)
     dataset.report_skipped(loaded.skipped, log)
     in_val = {r.obj.location for r in val_index.records}
     is_val = [r.obj.location in in_val for r in loaded.records]
@@ -211,10 +217,27 @@ def set_up_training(network: Any, *, device: Any, precision: str, lr: float, wei
     return optimizer, amp_dtype, scaler
 
 
+def size_training_run(cfg: TrainConfig, *, n_images: int, device: Any, elapsed_s: float) -> budget.Sizing:
+    """The image size and epochs that fill `cfg.time_budget` on this machine, timed with the
+    network, optimizer and precision this run will train with."""
+    amp_dtype = autocast_dtype(device, cfg.precision)
+
+    def make_optimizer(network: Any) -> Any:
+        return set_up_training(network, device=device, precision=cfg.precision, lr=cfg.lr, weight_decay=cfg.weight_decay)[0]
+
+    n_val = round(n_images * cfg.val_fraction)
+    return budget.size_for_budget(config.parse_duration(cfg.time_budget), n_train=n_images - n_val, n_val=n_val,
+                                  batch_size=cfg.batch_size, device=device, amp_dtype=amp_dtype,
+                                  build_network=lambda: build_resnet50("none"), make_optimizer=make_optimizer,
+                                  elapsed_s=elapsed_s)
+
+
 def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> TrainResult:
-    """Run a whole training as `cfg` says; with `cfg.resume`, continue from the last finished epoch."""
+    """Run a whole training as `cfg` says; with `cfg.resume`, continue from the last finished epoch.
+    With `cfg.time_budget`, the image size and epochs are first sized to fill it (`budget.py`)."""
     import torch
 
+    run_started = time.perf_counter()
     out = cfg.out
     model_loc = storage.join(out, config.MODEL_FILENAME)
     checkpoint_loc = storage.join(out, config.CHECKPOINT_FILENAME)
@@ -227,10 +250,20 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
     # Written first, so that an --out that cannot be written to fails before any decoding or training.
     _write_history_json(out, history)
 
+    device = resolve_device(cfg.device)
+    index = dataset.list_images(cfg.data, split="train")
+    sizing = None
+    if cfg.time_budget is not None and checkpoint is not None:
+        saved = json.loads(checkpoint["config_json"])  # keep the size measured when the run began
+        cfg = dataclasses.replace(cfg, image_size=saved["image_size"], epochs=saved["epochs"])
+    elif cfg.time_budget is not None:
+        sizing = size_training_run(cfg, n_images=len(index), device=device, elapsed_s=time.perf_counter() - run_started)
+        cfg = dataclasses.replace(cfg, image_size=sizing.image_size, epochs=sizing.epochs)
+        log(sizing.describe())
+
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                     skip_bad=cfg.skip_bad, log=log, progress=progress)
-    device = resolve_device(cfg.device)
+                     skip_bad=cfg.skip_bad, equalize=cfg.equalize, index=index, log=log, progress=progress)
     network = build_resnet50(cfg.weights, freeze_backbone=cfg.freeze_backbone)
     optimizer, amp_dtype, scaler = set_up_training(network, device=device, precision=cfg.precision, lr=cfg.lr,
                                                    weight_decay=cfg.weight_decay)
@@ -274,7 +307,7 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
                                      ema=ema, scaler=scaler, progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
         # With an EMA, the averaged weights are the ones validated and kept.
         kept = network if ema is None else ema.module
-        val = validate(kept, loss_fn, data.val, device=device, amp_dtype=amp_dtype)
+        val = validate(kept, loss_fn, data.val, device=device, amp_dtype=amp_dtype, threshold_policy=cfg.threshold_policy)
         seconds = time.perf_counter() - started
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
                "val_roc_auc": val["chosen"]["roc_auc"], "val_accuracy": val["at_half"]["accuracy"],
@@ -288,13 +321,19 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
         if improved:
             best = {"epoch": epoch, "roc_auc": row["val_roc_auc"], "val_loss": row["val_loss"], "metrics": val["chosen"]}
             metadata = model_metadata(class_names=data.index.class_names, image_size=cfg.image_size,
-                                      threshold=val["chosen"]["threshold"], train_config=cfg.to_dict(),
+                                      equalize=cfg.equalize, threshold=val["chosen"]["threshold"],
+                                      threshold_policy=cfg.threshold_policy, temperature=val["temperature"],
+                                      train_config=cfg.to_dict(),
                                       best_epoch=epoch, val_metrics=val["chosen"],
+                                      **({"sizing": sizing.to_dict()} if sizing is not None else {}),
                                       data_counts={"train": len(data.train), "val": len(data.val)})
             storage.write_bytes(model_loc, model_to_bytes(kept, metadata))
         _save_checkpoint(checkpoint_loc, network, ema, scaler, optimizer, scheduler, generator, epoch, history, best, cfg)
         _write_history(out, history)
 
+    if sizing is not None:
+        log(f"trained in {(time.perf_counter() - run_started) / 60:.1f} min of the {sizing.budget_s / 60:.0f} min budget "
+            f"(predicted {sizing.predicted_s / 60:.1f})")
     log(f"best epoch {best['epoch']}: validation ROC AUC {best['roc_auc']:.4f}, accuracy "
         f"{best['metrics'].get('accuracy', float('nan')):.4f} at threshold {best['metrics'].get('threshold', 0.5):.3f}; "
         f"model saved to {model_loc}")

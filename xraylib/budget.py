@@ -1,0 +1,117 @@
+"""Sizing a training run to a time budget: the image size and number of epochs that fill it.
+
+The same recipe takes 5 minutes on a CPU that runs bf16 natively and 30 on one that emulates it;
+a fixed preset leaves the fast machine idle. `size_for_budget` times a few real training steps
+(forward, backward, optimizer, in the precision the run will use) at two image sizes, fits the
+time per image as a constant plus a part proportional to the pixels, and walks up
+`config.BUDGET_LADDER` to the largest (image size, epochs) whose predicted run still fits.
+
+The choice is printed with the flags that repeat it exactly (`--image-size N --epochs M`), and
+recorded in the model file; a resumed run keeps the checkpoint's choice instead of measuring again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from xraylib import config
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """What `size_for_budget` chose and why."""
+
+    image_size: int
+    epochs: int
+    budget_s: float
+    predicted_s: float
+    images_per_second: dict[int, float]  # measured training speed at each probed size
+
+    def describe(self) -> str:
+        speeds = ", ".join(f"{v:.1f} img/s at {k} px" for k, v in sorted(self.images_per_second.items()))
+        return (f"time budget {self.budget_s / 60:.0f} min: measured {speeds}; chose {self.image_size} px, "
+                f"{self.epochs} epochs (predicted {self.predicted_s / 60:.1f} min); to repeat exactly: "
+                f"--image-size {self.image_size} --epochs {self.epochs}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget_s": self.budget_s, "predicted_s": round(self.predicted_s, 1), "image_size": self.image_size,
+                "epochs": self.epochs, "images_per_second": {str(k): round(v, 2) for k, v in self.images_per_second.items()}}
+
+
+def measure_training_speed(network: Any, optimizer: Any, *, image_size: int, batch_size: int, device: Any,
+                           amp_dtype: Any, steps: int = 3) -> float:
+    """Training images per second at `image_size`: `steps` timed steps on random pixels after one
+    untimed warm-up step (which pays for kernel selection). The network's weights change; callers
+    build the real network afterwards."""
+    import torch
+
+    from xraylib import dataset
+    from xraylib.model import autocast
+
+    network.train()
+    pixels = torch.randint(0, 256, (batch_size, image_size, image_size), dtype=torch.uint8)
+    labels = torch.arange(batch_size) % 2
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        x = dataset.to_model_input(pixels.to(device), config.IMAGENET_MEAN, config.IMAGENET_STD)
+        with autocast(device, amp_dtype):
+            loss = loss_fn(network(x).float(), labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def predicted_seconds(image_size: int, epochs: int, *, seconds_per_image: Any, n_train: int, n_val: int) -> float:
+    """A run's time: every epoch trains on `n_train` images and validates `n_val` (inference costs
+    about a third of a training step), plus `config.BUDGET_FIXED_S` for decoding and writing."""
+    per_image = seconds_per_image(image_size)
+    return epochs * (n_train + n_val / 3) * per_image + config.BUDGET_FIXED_S
+
+
+def choose_size(budget_s: float, *, seconds_per_image: Any, n_train: int, n_val: int,
+                elapsed_s: float = 0.0) -> tuple[int, int, float]:
+    """The largest rung of `config.BUDGET_LADDER` whose predicted run fits `budget_s` (after
+    `elapsed_s` already spent), or the smallest rung when none does."""
+    available = (budget_s - elapsed_s) * config.BUDGET_SAFETY
+    chosen = config.BUDGET_LADDER[0]
+    for size, epochs in config.BUDGET_LADDER:
+        if predicted_seconds(size, epochs, seconds_per_image=seconds_per_image, n_train=n_train, n_val=n_val) <= available:
+            chosen = (size, epochs)
+    size, epochs = chosen
+    return size, epochs, predicted_seconds(size, epochs, seconds_per_image=seconds_per_image, n_train=n_train, n_val=n_val)
+
+
+def size_for_budget(budget_s: float, *, n_train: int, n_val: int, batch_size: int, device: Any, amp_dtype: Any,
+                    build_network: Any, make_optimizer: Any, elapsed_s: float = 0.0) -> Sizing:
+    """Time training at the two probe sizes of `config.BUDGET_PROBE_SIZES`, fit seconds per image
+    as a + b * pixels, and choose the rung of the ladder that fills `budget_s`."""
+    import torch
+
+    speeds = {}
+    for size in config.BUDGET_PROBE_SIZES:
+        network = build_network().to(device).to(memory_format=torch.channels_last)
+        speeds[size] = measure_training_speed(network, make_optimizer(network), image_size=size, batch_size=batch_size,
+                                              device=device, amp_dtype=amp_dtype)
+    (s0, v0), (s1, v1) = sorted(speeds.items())
+    slope = max((1 / v1 - 1 / v0) / (s1 * s1 - s0 * s0), 0.0)
+    intercept = max(1 / v0 - slope * s0 * s0, 0.0)
+
+    def seconds_per_image(size: int) -> float:
+        return intercept + slope * size * size
+
+    size, epochs, predicted = choose_size(budget_s, seconds_per_image=seconds_per_image, n_train=n_train, n_val=n_val,
+                                          elapsed_s=elapsed_s)
+    return Sizing(size, epochs, budget_s, predicted + elapsed_s, speeds)
