@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 from common import make_holdout_root, real_train_folder
 
-from xraylib import config, dataset, shifts
+from xraylib import dataset, shifts
 from xraylib.evaluate import THRESHOLD_POLICIES, choose_threshold, evaluate_loaded, predict_probabilities
 from xraylib.model import autocast_dtype, inference_network, load_model, resolve_device
 
@@ -105,7 +105,8 @@ def report_model(name: str, model_dir: str, root: Path) -> dict:
     check = evaluate_loaded(model, dataset.load_images(test_index, model.image_size, equalize_mode=model.equalize))
     assert np.allclose(check.probabilities, test["clean"], atol=2e-3), "bench and evaluate disagree on clean images"
 
-    augment = config.TrainConfig(data="-", out="-", augment=cfg.get("augment", True)).augment
+    augment = cfg.get("augment", True)
+    augment = {True: "geometry", False: "none"}.get(augment, augment)  # model files from before the levels: bools
     summary = shifts.shift_metrics(test_labels, test, model.threshold, augment=augment)
     print(f"\n## {name}: {model_dir}\nthreshold {model.threshold:.3f} ({model.metadata.get('threshold_policy', 'youden')}), "
           f"image size {model.image_size}, equalize {model.equalize}, temperature {model.temperature:.3f}")
