@@ -3,8 +3,9 @@
 `predict_probabilities` runs the network over decoded pixels (training's validation uses it
 too). `compute_metrics` gives accuracy, sensitivity (recall of the positive class),
 specificity, precision, F1, ROC AUC and PR AUC at a threshold, plus the confusion matrix with
-rows true and columns predicted. `choose_threshold` picks the threshold on validation data.
-`evaluate_model` and `predict_images` are what the test notebook and the CLI call.
+rows true and columns predicted, labelled with the class names. `choose_threshold` picks the
+threshold on validation data. `evaluate_model` and `predict_images` are what the test notebook
+and the CLI call.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def eval_batch_size(device: Any, pixels_per_image: int) -> int:
     return max(1, min(config.EVAL_BATCH_SIZE, config.CPU_EVAL_BATCH_PIXELS // pixels_per_image))
 
 
-def compute_metrics(labels: Sequence[int], probabilities: Sequence[float], threshold: float) -> dict[str, Any]:
-    """Metrics of a binary classifier at `threshold`; label 1 is the positive class."""
+def compute_metrics(labels: Sequence[int], probabilities: Sequence[float], threshold: float,
+                    class_names: Sequence[str] = ("NORMAL", "PNEUMONIA")) -> dict[str, Any]:
+    """Metrics of a binary classifier at `threshold`; label 1 is the positive class. `class_names`
+    (the negative first) name the confusion matrix's rows and columns."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     y = np.asarray(labels, dtype=int)
@@ -90,7 +93,7 @@ def compute_metrics(labels: Sequence[int], probabilities: Sequence[float], thres
         "pr_auc": float(average_precision_score(y, p)) if both_classes else float("nan"),
         "threshold": float(threshold),
         "n_images": len(y),
-        "confusion_matrix": {"labels": [0, 1], "matrix": [[tn, fp], [fn, tp]]},
+        "confusion_matrix": {"labels": list(class_names), "matrix": [[tn, fp], [fn, tp]]},
     }
 
 
@@ -148,7 +151,7 @@ def evaluate_loaded(
     probs = predict_probabilities(network, data.pixels, mean=model.mean, std=model.std, device=torch_device,
                                   amp_dtype=autocast_dtype(torch_device, precision), tta=tta)
     labels = data.labels.numpy()
-    metrics = compute_metrics(labels, probs, model.threshold)
+    metrics = compute_metrics(labels, probs, model.threshold, class_names=data.class_names)
     metrics["tta_views"] = len(config.TTA_VIEWS) if tta else 1
     metrics["class_names"] = list(data.class_names)
     metrics["skipped_images"] = len(data.skipped)
