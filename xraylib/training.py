@@ -28,7 +28,7 @@ from typing import Any
 
 from xraylib import config, dataset, storage
 from xraylib.config import TrainConfig
-from xraylib.errors import ConfigError
+from xraylib.errors import ConfigError, ModelFileError
 from xraylib.evaluate import choose_threshold, compute_metrics, predict_probabilities
 from xraylib.model import (
     autocast,
@@ -179,12 +179,32 @@ def _class_weights(labels: Any) -> Any:
     return counts.sum() / (2 * counts)
 
 
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "generator", "epoch", "history_json", "best_json", "config_json")
+
+
 def _load_checkpoint(location: str) -> dict[str, Any] | None:
+    """The checkpoint at `location`, None when there is none; one that cannot be read (cut short,
+    overwritten, another program's) raises ModelFileError naming it, as a damaged model file does."""
+    import pickle
+
     import torch
 
     if not storage.exists(location):
         return None
-    return torch.load(io.BytesIO(storage.read_bytes(location)), map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(io.BytesIO(storage.read_bytes(location)), map_location="cpu", weights_only=True)
+        missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        for key in ("history_json", "best_json", "config_json"):
+            json.loads(checkpoint[key])
+    except (RuntimeError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+        reason = str(exc).split(". ")[0].splitlines()[0] if str(exc) else ""
+        raise ModelFileError(
+            f"{location} is damaged or not an xraylib checkpoint ({type(exc).__name__}: {reason}); "
+            "delete it to train again from the first epoch (model.pt keeps the best epoch so far), or use a new --out"
+        ) from None
+    return checkpoint
 
 
 def is_better_epoch(row: dict[str, Any], best: dict[str, Any]) -> bool:
