@@ -3,6 +3,7 @@ trains in bf16 autocast."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -128,6 +129,36 @@ def _one_line(err: str) -> str:
     assert "Traceback" not in err
     [line] = err.strip().splitlines()
     return line
+
+
+@pytest.mark.timeout(300)
+def test_resume_refuses_changed_settings_by_name_and_allows_another_device(finished_run, tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    # Another seed or validation share draws another validation split: trained images would be validated on.
+    status, _, err = _resume(capsys, tiny_dataset, out, "--seed", "1", "--val-fraction", "0.3")
+    line = _one_line(err)
+    assert status == 2 and "--seed" in line and "--val-fraction" in line and "--epochs" not in line
+    assert "new --out" in line and str(out) in line
+    # More epochs would meet a one-cycle schedule built for one.
+    status, _, err = _resume(capsys, tiny_dataset, out, "--epochs", "3")
+    assert status == 2 and "--epochs" in _one_line(err)
+
+    # A checkpoint written before a setting existed compares it against the setting's default.
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    saved = json.loads(checkpoint["config_json"])
+    del saved["label_smoothing"]
+    checkpoint["config_json"] = json.dumps(saved)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    (out / "checkpoint.pt").write_bytes(buffer.getvalue())
+    status, _, err = _resume(capsys, tiny_dataset, out, "--label-smoothing", "0.1")
+    assert status == 2 and "--label-smoothing" in _one_line(err)
+
+    # Where and how it runs is no part of what it learns: a run may finish on another machine.
+    status, stdout, err = _resume(capsys, tiny_dataset, out, "--device", "cpu", "--precision", "fp32", "--skip-bad")
+    assert status == 0, err
+    assert f"resuming {out} after epoch 1" in stdout
 
 
 @pytest.mark.timeout(300)

@@ -8,7 +8,8 @@ threshold on validation. With `ema_decay`, an exponential moving average of the 
 gets validated and kept. It writes into the output location:
 
 - `model.pt`: the best model so far, with its metadata (see `model.py`);
-- `checkpoint.pt`: the state after the last finished epoch, for `resume`;
+- `checkpoint.pt`: the state after the last finished epoch, for `resume` (which refuses
+  settings that would change what is learned: `check_resume_config`);
 - `history.json` (written first, so that an output location that cannot be written to fails
   at once) and `training_curves.png`.
 
@@ -17,6 +18,7 @@ Every file is written whole or not at all, so a run killed at any moment resumes
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -207,6 +209,36 @@ def _load_checkpoint(location: str) -> dict[str, Any] | None:
     return checkpoint
 
 
+# What a resumed run may change: where its output lives, how it runs, how bad images are handled
+# (a run that met none is the same either way) and the preset (only the values it set count).
+_MAY_CHANGE_ON_RESUME = frozenset({"out", "resume", "skip_bad", "device", "precision", "preset"})
+
+
+def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, out: str) -> None:
+    """Refuse, in one line naming them, settings in `cfg` that differ from `saved` (the
+    configuration in the checkpoint in `out`) and would change what the resumed run learns.
+
+    Refused: the data; the seed and the validation fraction (another validation split would
+    validate on trained images and flatter the ROC AUC that picks the epoch and the threshold);
+    epochs, batch size and learning rate (the one-cycle schedule restored from the checkpoint is
+    built on them: a run cannot be made longer without changing the epochs already trained, so
+    more epochs is a new run); and the model, loss, augmentation and optimizer settings (the
+    files would record settings the weights were not trained with). Allowed: out, device and
+    precision (a run interrupted on one machine may finish on another), skip_bad, resume,
+    preset. A setting the checkpoint does not know, added to xraylib since, counts as its
+    default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    now = cfg.to_dict()
+    changed = [(name, saved.get(name, defaults.get(name)), value) for name, value in now.items()
+               if name not in _MAY_CHANGE_ON_RESUME and saved.get(name, defaults.get(name)) != value]
+    if changed:
+        # `augment` is the one setting whose flag says the opposite: --no-augment.
+        listed = ", ".join(f"--no-augment (augment {old!r} -> {new!r})" if name == "augment"
+                           else f"--{name.replace('_', '-')} {old!r} -> {new!r}" for name, old, new in changed)
+        raise ConfigError(f"cannot resume {out} with other settings than its checkpoint's ({listed}): resume with the "
+                          "checkpoint's values, or start a new run with a new --out (or without --resume, replacing this one)")
+
+
 def is_better_epoch(row: dict[str, Any], best: dict[str, Any]) -> bool:
     """Whether an epoch's history `row` beats the `best` kept so far: the higher validation ROC AUC,
     or on a tie the lower validation loss. Small or easy validation sets reach an AUC of 1.0 in
@@ -241,8 +273,8 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
     checkpoint = _load_checkpoint(checkpoint_loc) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         log(f"no checkpoint in {out}: starting from the first epoch")
-    if checkpoint is not None and json.loads(checkpoint["config_json"])["data"] != cfg.data:
-        raise ConfigError(f"the checkpoint in {out} was trained on other data: use a new --out, or drop --resume")
+    if checkpoint is not None:
+        check_resume_config(json.loads(checkpoint["config_json"]), cfg, out)
     history: list[dict[str, Any]] = json.loads(checkpoint["history_json"]) if checkpoint is not None else []
     # Written first, so that an --out that cannot be written to fails before any decoding or training.
     _write_history_json(out, history)
