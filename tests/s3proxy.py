@@ -3,14 +3,20 @@
 It forwards every request to the upstream server and can, per request:
 - count it (method and path), so a test can assert that a warm cache makes no GET;
 - add latency before answering (real S3's time to first byte);
-- inject faults: drop the connection before answering, reset it (RST), or send the headers
-  with the full Content-Length and then only part of the body before closing.
+- inject faults: drop the connection before answering, reset it (RST), answer 503 SlowDown as S3
+  does when throttling, send the headers with the full Content-Length and then only part of the
+  body before closing, send a body of the right length with one byte changed, or send half the
+  body and then nothing (a stalled read);
+- with `kms`, answer as S3 does for objects encrypted with SSE-KMS: the ETag, in headers and in
+  listings, is no MD5 of the body, and `x-amz-server-side-encryption: aws:kms` says so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import random
+import re
 import socket
 import struct
 import threading
@@ -23,12 +29,18 @@ from urllib.parse import urlsplit
 
 @dataclass
 class Faults:
-    """Probabilities per request; `only_methods` limits faults to those methods."""
+    """Probabilities per request; `only_methods` limits faults to those methods, `limit` to that many
+    faults in all (then every request passes), so `throttle=1.0, limit=2` throttles the first two."""
 
     drop: float = 0.0
     reset: float = 0.0
+    throttle: float = 0.0
     cut_body: float = 0.0
+    corrupt_body: float = 0.0
+    stall_body: float = 0.0
+    stall_seconds: float = 60.0
     only_methods: tuple[str, ...] = ("GET", "PUT", "HEAD")
+    limit: int | None = None
     seed: int = 0
     rng: random.Random = field(init=False)
 
@@ -36,11 +48,23 @@ class Faults:
         self.rng = random.Random(self.seed)
 
 
+_SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+              b"<Message>Please reduce your request rate.</Message><RequestId>R1</RequestId></Error>")
+_LISTED_ETAG = re.compile(rb"<ETag>(&quot;|&#34;|\")?([^<&\"]+)(&quot;|&#34;|\")?</ETag>")
+
+
+def kms_etag(etag: str) -> str:
+    """The ETag S3 would give an SSE-KMS object: stable for one version, but no MD5 of its body."""
+    return hashlib.md5(b"kms:" + etag.strip('"').encode(), usedforsecurity=False).hexdigest()
+
+
 class S3Proxy:
-    def __init__(self, upstream: str, *, latency: float = 0.0, faults: Faults | None = None) -> None:
+    def __init__(self, upstream: str, *, latency: float = 0.0, faults: Faults | None = None, kms: bool = False) -> None:
         self.upstream = urlsplit(upstream)
         self.latency = latency
         self.faults = faults or Faults()
+        self.kms = kms
+        self._closing = threading.Event()
         self.requests: Counter[tuple[str, str]] = Counter()
         self.injected: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -69,6 +93,14 @@ class S3Proxy:
                     self.close_connection = True
                     self.connection.close()
                     return
+                if fault == "throttle":
+                    self.send_response_only(503, "Slow Down")
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(_SLOW_DOWN)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(_SLOW_DOWN)
+                    return
                 if proxy.latency:
                     time.sleep(proxy.latency)
                 conn = proxy._upstream_connection()
@@ -83,8 +115,18 @@ class S3Proxy:
                     return
                 self.send_response_only(response.status, response.reason)
                 for key, value in response.getheaders():
-                    if key.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"):
-                        self.send_header(key, value)
+                    if key.lower() in ("connection", "keep-alive", "transfer-encoding", "content-length"):
+                        continue
+                    if proxy.kms and key.lower() == "etag":
+                        value = f'"{kms_etag(value)}"'
+                    self.send_header(key, value)
+                if proxy.kms and response.status < 300 and self.command in ("GET", "HEAD", "PUT"):
+                    self.send_header("x-amz-server-side-encryption", "aws:kms")
+                    self.send_header("x-amz-server-side-encryption-aws-kms-key-id",
+                                     "arn:aws:kms:us-east-1:000000000000:key/test")
+                if proxy.kms and b"<ListBucketResult" in data[:200]:
+                    data = _LISTED_ETAG.sub(lambda m: b"<ETag>&quot;" + kms_etag(m.group(2).decode()).encode()
+                                            + b"&quot;</ETag>", data)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command == "HEAD":
@@ -95,6 +137,15 @@ class S3Proxy:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                if fault == "stall_body" and len(data) > 1:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    proxy._closing.wait(proxy.faults.stall_seconds)
+                    self.close_connection = True
+                    return
+                if fault == "corrupt_body" and data:
+                    at = proxy.faults.rng.randrange(0, len(data))
+                    data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
                 self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
@@ -106,10 +157,11 @@ class S3Proxy:
 
     def _pick_fault(self, method: str) -> str | None:
         f = self.faults
-        if method not in f.only_methods:
+        if method not in f.only_methods or (f.limit is not None and sum(self.injected.values()) >= f.limit):
             return None
         r = f.rng.random()
-        for name, p in (("drop", f.drop), ("reset", f.reset), ("cut_body", f.cut_body)):
+        for name, p in (("drop", f.drop), ("reset", f.reset), ("throttle", f.throttle), ("cut_body", f.cut_body),
+                        ("corrupt_body", f.corrupt_body), ("stall_body", f.stall_body)):
             if r < p:
                 self.injected[name] += 1
                 return name
@@ -137,5 +189,6 @@ class S3Proxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._closing.set()  # ends stalled answers
         self.server.shutdown()
         self.server.server_close()

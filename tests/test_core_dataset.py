@@ -219,6 +219,19 @@ def test_bad_image_stops_loading_with_its_name_or_is_skipped_and_counted(bucket,
     assert [name for name, _ in loaded.skipped] == [f"s3://{bucket}/data/NORMAL/IM-9999-0001.jpeg"]
 
 
+def test_a_decoded_cache_entry_damaged_on_disk_is_decoded_again(tiny_dataset, cache_dir):
+    index = dataset.list_images(str(tiny_dataset), split="test")
+    first = dataset.load_images(index, 32)
+    entries = [p for p in (cache_dir / "decoded-32").rglob("*") if p.is_file()]
+    assert len(entries) == len(index)
+    for entry in entries:  # a disk error or a stray write: the size stays, the pixels change
+        damaged = bytearray(entry.read_bytes())
+        damaged[:64] = bytes(255 - b for b in damaged[:64])
+        entry.write_bytes(bytes(damaged))
+    again = dataset.load_images(index, 32)
+    assert torch.equal(again.pixels, first.pixels)
+
+
 def test_model_input_is_normalized_three_channel():
     pixels = torch.full((2, 8, 8), 255, dtype=torch.uint8)
     x = dataset.to_model_input(pixels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

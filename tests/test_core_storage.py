@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3proxy import S3Proxy
+from tests.s3proxy import Faults, S3Proxy
 from xraylib import dataset, storage
 from xraylib.errors import LocationError
 
@@ -174,3 +174,40 @@ def test_local_write_failures_name_the_path_and_cache_failures_name_the_setting(
 def test_join_handles_both_schemes():
     assert storage.join("s3://b/x/", "train", "NORMAL") == "s3://b/x/train/NORMAL"
     assert storage.join("/data", "train") == str(Path("/data") / "train")
+
+
+@pytest.fixture
+def kms_proxy(s3_server, monkeypatch):
+    """A proxy that answers as S3 does for a bucket with SSE-KMS default encryption: no ETag is an MD5."""
+    with S3Proxy(s3_server.endpoint_url, kms=True) as p:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
+        yield p
+
+
+def test_a_kms_encrypted_bucket_reads_and_a_rerun_of_upload_sends_nothing(bucket, tiny_dataset, kms_proxy):
+    dest = f"s3://{bucket}/chest_xray"
+    n_images = sum(1 for p in tiny_dataset.rglob("*.jpeg"))
+    assert storage.upload_directory(tiny_dataset, dest).uploaded == n_images
+    [listed] = storage.list_objects(f"{dest}/test/NORMAL/{sorted((tiny_dataset / 'test' / 'NORMAL').glob('*.jpeg'))[0].name}")
+    assert listed.version != hashlib.md5(storage.read_bytes(listed.location)).hexdigest()  # as S3 lists a KMS object
+
+    kms_proxy.reset_counts()
+    again = storage.upload_directory(tiny_dataset, dest)
+    assert (again.uploaded, again.unchanged) == (0, n_images)
+    assert kms_proxy.count("PUT") == 0
+
+    loaded = dataset.load_images(dataset.list_images(dest, split="test"), 32)
+    reference = dataset.load_images(dataset.list_images(str(tiny_dataset), split="test"), 32)
+    assert (loaded.pixels == reference.pixels).all()
+
+
+@pytest.mark.parametrize("fault", ["cut_body", "corrupt_body"])
+def test_a_kms_object_cut_short_or_damaged_in_transit_is_read_again(bucket, kms_proxy, fault):
+    # The ETag is no MD5 here: the length, and the CRC32 that S3 keeps with the object, tell.
+    payload = os.urandom(200_000)
+    storage.write_bytes(f"s3://{bucket}/x/scan.jpeg", payload)
+    kms_proxy.faults = Faults(**{fault: 1.0}, limit=2, only_methods=("GET",))
+    kms_proxy.reset_counts()
+    assert storage.read_bytes(f"s3://{bucket}/x/scan.jpeg") == payload
+    assert kms_proxy.injected[fault] == 2
+    assert kms_proxy.count("GET") == 3

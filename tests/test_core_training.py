@@ -3,9 +3,11 @@ trains in bf16 autocast."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from xraylib import config, dataset, storage, synthetic
+from xraylib import cli, config, dataset, storage, synthetic
 from xraylib.evaluate import evaluate_loaded
 from xraylib.model import load_model
 from xraylib.training import is_better_epoch, train
@@ -99,6 +101,77 @@ def test_run_killed_with_sigkill_resumes_and_finishes_every_epoch(tmp_path, tiny
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 3
     load_model(str(out))
+
+
+RUN_FLAGS = ["--epochs", "1", "--image-size", "32", "--batch-size", "16", "--weights", "none"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_dataset):
+    """The output folder of a finished one-epoch run, as `xraylib train` with RUN_FLAGS leaves it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XRAYLIB_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        cfg = config.make_train_config(data=str(tiny_dataset), out=str(out), epochs=1, image_size=32, batch_size=16,
+                                       weights="none")
+        train(cfg, log=lambda _: None, progress=False)
+    return out
+
+
+def _resume(capsys, data, out, *flags: str) -> tuple[int, str, str]:
+    """`xraylib train ... --resume` with RUN_FLAGS and then `flags`: exit status, stdout, stderr."""
+    status = cli.main(["train", "--data", str(data), "--out", str(out), *RUN_FLAGS, "--resume", *flags])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err
+    [line] = err.strip().splitlines()
+    return line
+
+
+@pytest.mark.timeout(300)
+def test_resume_refuses_changed_settings_by_name_and_allows_another_device(finished_run, tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    # Another seed or validation share draws another validation split: trained images would be validated on.
+    status, _, err = _resume(capsys, tiny_dataset, out, "--seed", "1", "--val-fraction", "0.3")
+    line = _one_line(err)
+    assert status == 2 and "--seed" in line and "--val-fraction" in line and "--epochs" not in line
+    assert "new --out" in line and str(out) in line
+    # More epochs would meet a one-cycle schedule built for one.
+    status, _, err = _resume(capsys, tiny_dataset, out, "--epochs", "3")
+    assert status == 2 and "--epochs" in _one_line(err)
+
+    # A checkpoint written before a setting existed compares it against the setting's default.
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    saved = json.loads(checkpoint["config_json"])
+    del saved["label_smoothing"]
+    checkpoint["config_json"] = json.dumps(saved)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    (out / "checkpoint.pt").write_bytes(buffer.getvalue())
+    status, _, err = _resume(capsys, tiny_dataset, out, "--label-smoothing", "0.1")
+    assert status == 2 and "--label-smoothing" in _one_line(err)
+
+    # Where and how it runs is no part of what it learns: a run may finish on another machine.
+    status, stdout, err = _resume(capsys, tiny_dataset, out, "--device", "cpu", "--precision", "fp32", "--skip-bad")
+    assert status == 0, err
+    assert f"resuming {out} after epoch 1" in stdout
+
+
+@pytest.mark.timeout(300)
+def test_a_damaged_checkpoint_is_one_line_naming_it(finished_run, tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    checkpoint = out / "checkpoint.pt"
+    whole = checkpoint.read_bytes()
+    for damaged in (whole[: len(whole) // 2], b"\0" * 4096):  # cut short (a full disk), or overwritten
+        checkpoint.write_bytes(damaged)
+        status, _, err = _resume(capsys, tiny_dataset, out)
+        line = _one_line(err)
+        assert status == 2 and str(checkpoint) in line and "delete it" in line
 
 
 @pytest.mark.timeout(300)

@@ -60,6 +60,40 @@ def test_a_dead_network_gives_up_in_bounded_time_naming_the_object(bucket, s3_se
         assert time.monotonic() - started < 30
 
 
+def test_throttling_is_retried_and_every_object_has_a_bounded_number_of_tries(bucket, s3_server, monkeypatch):
+    location = f"s3://{bucket}/x/scan.jpeg"
+    storage.write_bytes(location, b"abc" * 1000)
+    with S3Proxy(s3_server.endpoint_url, faults=Faults(throttle=1.0, limit=2, only_methods=("GET",))) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        assert storage.read_bytes(location) == b"abc" * 1000  # S3 said SlowDown twice, then answered
+        assert proxy.count("GET") == 3
+
+    # Each try counts once, whoever retries: a request botocore sends again, a body xraylib reads again.
+    monkeypatch.setattr(config, "S3_MAX_ATTEMPTS", 3)
+    for fault, message in [("throttle", r"S3 is throttling requests for .*scan\.jpeg \(SlowDown\) after 3 attempts"),
+                           ("drop", r"gave up on .*scan\.jpeg after 3 attempts"),
+                           ("cut_body", r"gave up on .*scan\.jpeg after 3 attempts")]:
+        with S3Proxy(s3_server.endpoint_url, faults=Faults(**{fault: 1.0}, only_methods=("GET",))) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+            with pytest.raises(LocationError, match=message):
+                storage.read_bytes(location)
+            assert proxy.count("GET") == 3
+
+
+def test_a_read_stalled_mid_body_ends_at_the_deadline_naming_the_object(bucket, s3_server, monkeypatch):
+    location = f"s3://{bucket}/x/scan.jpeg"
+    storage.write_bytes(location, os.urandom(100_000))
+    monkeypatch.setattr(config, "S3_RETRY_SECONDS", 2.0)
+    # Half the body, then silence for a minute: longer than botocore's read timeout allows for a whole read.
+    with S3Proxy(s3_server.endpoint_url, faults=Faults(stall_body=1.0, only_methods=("GET",))) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        started = time.monotonic()
+        with pytest.raises(LocationError, match=rf"gave up on {location} after 1 attempt.* within 2 s"):
+            storage.read_bytes(location)
+        assert time.monotonic() - started < 20
+        assert proxy.count("GET") == 1
+
+
 @pytest.mark.timeout(300)
 def test_killed_upload_rerun_sends_only_what_is_missing(bucket, tiny_dataset, s3_server, monkeypatch):
     dest = f"s3://{bucket}/killed"

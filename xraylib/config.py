@@ -32,8 +32,18 @@ MAX_IMAGE_PIXELS = 64_000_000
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 S3_WORKERS = 16
-S3_MAX_ATTEMPTS = 6
+# One retry policy. botocore retries a request (connection failures, 5xx answers, throttling such
+# as SlowDown) with its backoff; xraylib reads a body again only when it arrives cut short or
+# damaged, which botocore cannot see. All tries of one object, by either, count against one budget:
+# S3_MAX_ATTEMPTS tries, and a deadline of S3_RETRY_SECONDS plus the time its size takes at
+# S3_MIN_BYTES_PER_SECOND (a 300 MB checkpoint over a slow link is not cut off), which also ends a
+# read in progress. "adaptive" mode would also slow the client down while S3 throttles.
+S3_MAX_ATTEMPTS = 10
+S3_RETRY_MODE = "standard"
 S3_RETRY_SECONDS = 60.0
+S3_MIN_BYTES_PER_SECOND = 1_000_000
+S3_CONNECT_TIMEOUT = 10.0
+S3_READ_TIMEOUT = 30.0  # botocore's wait for the next bytes of an answer
 EVAL_BATCH_SIZE = 64
 # On a CPU, inference runs fastest when a batch's activations stay in the caches. Measured with
 # the folded ResNet50 on 2 cores: the best batch was about 32 at 96 px, 16-24 at 128 px and 8 at

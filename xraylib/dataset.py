@@ -6,8 +6,8 @@
 - `decode_image` turns image *file bytes* (JPEG, PNG; any size and mode) into a grayscale square;
   `equalize` then applies the model's contrast normalization (none, or histogram equalization).
 - `load_images` fetches and decodes many images in parallel through two caches (the S3 object
-  cache, and a cache of decoded, resized pixels), and returns pixels and labels in one object,
-  so that no shuffle can separate an image from its label.
+  cache, and a cache of decoded, resized pixels checked by a digest), and returns pixels and
+  labels in one object, so that no shuffle can separate an image from its label.
 - `iter_batches`, `augment_batch` and `to_model_input` turn those pixels into network input, the
   same way at training and at test time.
 """
@@ -31,6 +31,7 @@ from xraylib.errors import DatasetError, ImageDecodeError
 
 # Bump when decoding changes, so decoded-pixel caches made by older code are not reused.
 DECODER_VERSION = 1
+_DIGEST_SIZE = 16  # bytes of BLAKE2b kept after the pixels of a decoded-cache entry
 SPLIT_NAMES = ("train", "test", "val")
 
 _PATIENT_PATTERNS = (
@@ -293,15 +294,22 @@ def _decoded_cache_path(obj: storage.ObjectInfo, image_size: int, cache_dir: Pat
     return cache_dir / f"decoded-{image_size}" / digest[:2] / digest
 
 
+def _pixels_digest(pixels: bytes) -> bytes:
+    return hashlib.blake2b(pixels, digest_size=_DIGEST_SIZE).digest()
+
+
 def _load_one(record: ImageRecord, image_size: int, cache_dir: Path) -> np.ndarray:
     cached = _decoded_cache_path(record.obj, image_size, cache_dir)
+    n = image_size * image_size
     if cached.exists():
+        # An entry is the pixels and a digest of them: one damaged on disk since it was written,
+        # even with its size intact, is decoded again instead of served for ever.
         data = cached.read_bytes()
-        if len(data) == image_size * image_size:
-            return np.frombuffer(data, dtype=np.uint8).reshape(image_size, image_size)
+        if len(data) == n + _DIGEST_SIZE and _pixels_digest(data[:n]) == data[n:]:
+            return np.frombuffer(data, dtype=np.uint8, count=n).reshape(image_size, image_size)
     raw = storage.fetch(record.obj, cache_dir).read_bytes()
     pixels = decode_image(raw, image_size, record.obj.location)
-    storage.write_cache_file(cached, pixels.tobytes())
+    storage.write_cache_file(cached, pixels.tobytes() + _pixels_digest(pixels.tobytes()))
     return pixels
 
 

@@ -3,8 +3,9 @@
 `predict_probabilities` runs the network over decoded pixels (training's validation uses it
 too). `compute_metrics` gives accuracy, sensitivity (recall of the positive class),
 specificity, precision, F1, ROC AUC and PR AUC at a threshold, plus the confusion matrix with
-rows true and columns predicted. `choose_threshold` picks the threshold on validation data.
-`evaluate_model` and `predict_images` are what the test notebook and the CLI call.
+rows true and columns predicted, labelled with the class names. `choose_threshold` picks the
+threshold on validation data. `evaluate_model` and `predict_images` are what the test notebook
+and the CLI call; `metrics_json` is how metrics are written (strict JSON: null, not NaN).
 """
 
 from __future__ import annotations
@@ -106,8 +107,11 @@ def eval_batch_size(device: Any, pixels_per_image: int) -> int:
     return max(1, min(config.EVAL_BATCH_SIZE, config.CPU_EVAL_BATCH_PIXELS // pixels_per_image))
 
 
-def compute_metrics(labels: Sequence[int], probabilities: Sequence[float], threshold: float) -> dict[str, Any]:
-    """Metrics of a binary classifier at `threshold`; label 1 is the positive class."""
+def compute_metrics(labels: Sequence[int], probabilities: Sequence[float], threshold: float,
+                    class_names: Sequence[str] = ("NORMAL", "PNEUMONIA")) -> dict[str, Any]:
+    """Metrics of a binary classifier at `threshold`; label 1 is the positive class. `class_names`
+    (the negative first) name the confusion matrix's rows and columns. A ratio over no images
+    (specificity without negative images, ...) is NaN; `metrics_json` writes it as null."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     y = np.asarray(labels, dtype=int)
@@ -133,8 +137,53 @@ def compute_metrics(labels: Sequence[int], probabilities: Sequence[float], thres
         "pr_auc": float(average_precision_score(y, p)) if both_classes else float("nan"),
         "threshold": float(threshold),
         "n_images": len(y),
-        "confusion_matrix": {"labels": [0, 1], "matrix": [[tn, fp], [fn, tp]]},
+        "confusion_matrix": {"labels": list(class_names), "matrix": [[tn, fp], [fn, tp]]},
     }
+
+
+def _why_undefined(metrics: dict[str, Any]) -> dict[str, str]:
+    """For each metric of `compute_metrics` that can have no value on some images, why it has none
+    on these (only those that have none)."""
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]["matrix"]
+    negative, positive = metrics["confusion_matrix"]["labels"]
+    reasons = {}
+    if tp + fn == 0:
+        reasons["sensitivity"] = f"no {positive} images were evaluated, and it is the share of them found"
+    if tn + fp == 0:
+        reasons["specificity"] = f"no {negative} images were evaluated, and it is the share of them called {negative}"
+    if tp + fp == 0:
+        reasons["precision"] = f"no image was called {positive}, and it is the share of those that are {positive}"
+    if tp + fp + fn == 0:
+        reasons["f1"] = f"no image was {positive} or called {positive}"
+    if tp + fn == 0 or tn + fp == 0:
+        only = negative if tp + fn == 0 else positive
+        for name in ("roc_auc", "pr_auc"):
+            reasons[name] = f"the images are only {only} ones, and it ranks {positive} images against {negative} ones"
+    if tn + fp + fn + tp == 0:
+        reasons["accuracy"] = "no images were evaluated"
+    return reasons
+
+
+def _nan_to_null(value: Any) -> Any:
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_null(v) for v in value]
+    return value
+
+
+def metrics_json(metrics: dict[str, Any]) -> str:
+    """`metrics` as strict JSON, which has no NaN: a metric with no value on these images (say
+    specificity when no NORMAL image was evaluated) is null, and `undefined` says why."""
+    reasons = _why_undefined(metrics) if "confusion_matrix" in metrics else {}
+    undefined = {name: reasons.get(name, "it has no value on these images")
+                 for name, value in metrics.items() if isinstance(value, float) and not np.isfinite(value)}
+    out = _nan_to_null(metrics)
+    if undefined:
+        out["undefined"] = undefined
+    return json.dumps(out, indent=2, allow_nan=False) + "\n"
 
 
 THRESHOLD_POLICIES = config.THRESHOLD_POLICIES
@@ -212,7 +261,7 @@ def evaluate_loaded(
                                   amp_dtype=autocast_dtype(torch_device, precision), tta=tta,
                                   temperature=model.temperature)
     labels = data.labels.numpy()
-    metrics = compute_metrics(labels, probs, model.threshold)
+    metrics = compute_metrics(labels, probs, model.threshold, class_names=data.class_names)
     metrics["tta_views"] = len(config.TTA_VIEWS) if tta else 1
     metrics["class_names"] = list(data.class_names)
     metrics["skipped_images"] = len(data.skipped)
@@ -226,7 +275,7 @@ def write_evaluation(evaluation: Evaluation, out: str) -> dict[str, str]:
 
     written = {}
     metrics_loc = storage.join(out, "metrics.json")
-    storage.write_text(metrics_loc, json.dumps(evaluation.metrics, indent=2) + "\n")
+    storage.write_text(metrics_loc, metrics_json(evaluation.metrics))
     written["metrics"] = metrics_loc
 
     rows = evaluation.predictions_table()

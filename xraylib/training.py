@@ -8,7 +8,8 @@ threshold on validation. With `ema_decay`, an exponential moving average of the 
 gets validated and kept. It writes into the output location:
 
 - `model.pt`: the best model so far, with its metadata (see `model.py`);
-- `checkpoint.pt`: the state after the last finished epoch, for `resume`;
+- `checkpoint.pt`: the state after the last finished epoch, for `resume` (which refuses
+  settings that would change what is learned: `check_resume_config`);
 - `history.json` (written first, so that an output location that cannot be written to fails
   at once) and `training_curves.png`.
 
@@ -29,7 +30,7 @@ from typing import Any
 
 from xraylib import budget, config, dataset, storage
 from xraylib.config import TrainConfig
-from xraylib.errors import ConfigError
+from xraylib.errors import ConfigError, ModelFileError
 from xraylib.evaluate import choose_threshold, compute_metrics, fit_temperature, predict_logits, probabilities_from_logits
 from xraylib.model import (
     autocast,
@@ -131,8 +132,8 @@ def validate(network: Any, loss_fn: Any, data: dataset.LoadedImages, *, device: 
     temperature = fit_temperature(labels, logits)
     probs = probabilities_from_logits(logits, temperature)
     threshold = choose_threshold(labels, probs, threshold_policy)
-    return {"loss": val_loss, "temperature": temperature, "at_half": compute_metrics(labels, probs, 0.5),
-            "chosen": compute_metrics(labels, probs, threshold)}
+    return {"loss": val_loss, "temperature": temperature, "at_half": compute_metrics(labels, probs, 0.5, data.class_names),
+            "chosen": compute_metrics(labels, probs, threshold, data.class_names)}
 
 
 @dataclass
@@ -185,12 +186,62 @@ def _class_weights(labels: Any) -> Any:
     return counts.sum() / (2 * counts)
 
 
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "generator", "epoch", "history_json", "best_json", "config_json")
+
+
 def _load_checkpoint(location: str) -> dict[str, Any] | None:
+    """The checkpoint at `location`, None when there is none; one that cannot be read (cut short,
+    overwritten, another program's) raises ModelFileError naming it, as a damaged model file does."""
+    import pickle
+
     import torch
 
     if not storage.exists(location):
         return None
-    return torch.load(io.BytesIO(storage.read_bytes(location)), map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(io.BytesIO(storage.read_bytes(location)), map_location="cpu", weights_only=True)
+        missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        for key in ("history_json", "best_json", "config_json"):
+            json.loads(checkpoint[key])
+    except (RuntimeError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+        reason = str(exc).split(". ")[0].splitlines()[0] if str(exc) else ""
+        raise ModelFileError(
+            f"{location} is damaged or not an xraylib checkpoint ({type(exc).__name__}: {reason}); "
+            "delete it to train again from the first epoch (model.pt keeps the best epoch so far), or use a new --out"
+        ) from None
+    return checkpoint
+
+
+# What a resumed run may change: where its output lives, how it runs, how bad images are handled
+# (a run that met none is the same either way) and the preset (only the values it set count).
+_MAY_CHANGE_ON_RESUME = frozenset({"out", "resume", "skip_bad", "device", "precision", "preset"})
+
+
+def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, out: str) -> None:
+    """Refuse, in one line naming them, settings in `cfg` that differ from `saved` (the
+    configuration in the checkpoint in `out`) and would change what the resumed run learns.
+
+    Refused: the data; the seed and the validation fraction (another validation split would
+    validate on trained images and flatter the ROC AUC that picks the epoch and the threshold);
+    epochs, batch size and learning rate (the one-cycle schedule restored from the checkpoint is
+    built on them: a run cannot be made longer without changing the epochs already trained, so
+    more epochs is a new run); and the model, loss, augmentation and optimizer settings (the
+    files would record settings the weights were not trained with). Allowed: out, device and
+    precision (a run interrupted on one machine may finish on another), skip_bad, resume,
+    preset. A setting the checkpoint does not know, added to xraylib since, counts as its
+    default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    if isinstance(saved.get("augment"), bool):  # checkpoints from before the augmentation levels
+        saved = {**saved, "augment": "geometry" if saved["augment"] else "none"}
+    now = cfg.to_dict()
+    changed = [(name, saved.get(name, defaults.get(name)), value) for name, value in now.items()
+               if name not in _MAY_CHANGE_ON_RESUME and saved.get(name, defaults.get(name)) != value]
+    if changed:
+        listed = ", ".join(f"--{name.replace('_', '-')} {old!r} -> {new!r}" for name, old, new in changed)
+        raise ConfigError(f"cannot resume {out} with other settings than its checkpoint's ({listed}): resume with the "
+                          "checkpoint's values, or start a new run with a new --out (or without --resume, replacing this one)")
 
 
 def is_better_epoch(row: dict[str, Any], best: dict[str, Any]) -> bool:
@@ -244,8 +295,11 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
     checkpoint = _load_checkpoint(checkpoint_loc) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         log(f"no checkpoint in {out}: starting from the first epoch")
-    if checkpoint is not None and json.loads(checkpoint["config_json"])["data"] != cfg.data:
-        raise ConfigError(f"the checkpoint in {out} was trained on other data: use a new --out, or drop --resume")
+    if checkpoint is not None:
+        saved = json.loads(checkpoint["config_json"])
+        if cfg.time_budget is not None:  # keep the size measured when the run began
+            cfg = dataclasses.replace(cfg, image_size=saved["image_size"], epochs=saved["epochs"])
+        check_resume_config(saved, cfg, out)
     history: list[dict[str, Any]] = json.loads(checkpoint["history_json"]) if checkpoint is not None else []
     # Written first, so that an --out that cannot be written to fails before any decoding or training.
     _write_history_json(out, history)
@@ -253,10 +307,7 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
     device = resolve_device(cfg.device)
     index = dataset.list_images(cfg.data, split="train")
     sizing = None
-    if cfg.time_budget is not None and checkpoint is not None:
-        saved = json.loads(checkpoint["config_json"])  # keep the size measured when the run began
-        cfg = dataclasses.replace(cfg, image_size=saved["image_size"], epochs=saved["epochs"])
-    elif cfg.time_budget is not None:
+    if cfg.time_budget is not None and checkpoint is None:
         sizing = size_training_run(cfg, n_images=len(index), device=device, elapsed_s=time.perf_counter() - run_started)
         cfg = dataclasses.replace(cfg, image_size=sizing.image_size, epochs=sizing.epochs)
         log(sizing.describe())
