@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -91,6 +92,44 @@ def test_notebook_parameters():
     assert set(notebook_parameters(notebook_path("train"))) == TRAIN_PARAMETERS
     assert notebook_parameters(notebook_path("train"))["preset"] is None
     assert set(notebook_parameters(notebook_path("test"))) == TEST_PARAMETERS
+
+
+@pytest.fixture(scope="module")
+def kernel_metadata() -> dict:
+    """What JupyterLab writes into a notebook's metadata once the `python3` kernel of this
+    environment is up: the kernelspec it started, and the language_info of the kernel's reply."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import start_new_kernel
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    manager, client = start_new_kernel(kernel_name="python3")
+    try:
+        client.kernel_info()
+        reply = client.get_shell_msg(timeout=60)
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    return {"kernelspec": {"name": "python3", "display_name": spec.display_name, "language": spec.language},
+            "language_info": reply["content"]["language_info"]}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["train", "test"])
+def test_notebooks_are_saved_as_jupyterlab_saves_them(name, kernel_metadata):
+    """Opened and left untouched, a notebook is not marked modified: JupyterLab sets the kernel's
+    metadata (a change when it differs from the file's) and jupyter_server writes it with
+    `nbformat.write`; the committed file is already that, byte for byte."""
+    committed = (ROOT / "notebooks" / NOTEBOOKS[name]).read_text(encoding="utf-8")
+    nb = nbformat.reads(committed, as_version=4)  # as the contents API hands it to JupyterLab
+    python = nb.metadata.get("language_info", {}).get("version")
+    nb.metadata.update(kernel_metadata)
+    nb.metadata.language_info["version"] = python  # compared last, below
+    saved = io.StringIO()
+    nbformat.write(nbformat.from_dict(nb), saved, version=nbformat.NO_CONVERT)
+    assert saved.getvalue() == committed
+    if python != kernel_metadata["language_info"]["version"]:
+        pytest.skip(f"the notebooks record Python {python}, this kernel runs {kernel_metadata['language_info']['version']}: "
+                    "JupyterLab marks them modified when it opens them here")
 
 
 def test_notebooks_match_their_generator():
