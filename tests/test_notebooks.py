@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from xraylib.notebooks import (
     notebook_path,
     parse_parameters,
     predictions_table,
+    progress_bar_text,
     run_notebook,
     scrub,
     tidy_outputs,
@@ -204,6 +206,28 @@ def test_progress_bars_are_collapsed():
     assert [(o.name, o.text) for o in outputs] == [("stderr", "b 2/2\n"), ("stdout", "done\n")]
 
 
+def test_progress_bar_widgets_keep_their_final_text():
+    """An executed notebook read without its kernel shows a widget's text fallback: the bar as it
+    ended, not at 0%."""
+    state = {
+        "box": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_label", "IPY_MODEL_bar", "IPY_MODEL_count"]}},
+        "label": {"model_name": "HTMLModel", "state": {"value": "epoch 1/2: 100%"}},
+        "bar": {"model_name": "FloatProgressModel", "state": {"value": 5, "max": 5}},
+        "count": {"model_name": "HTMLModel", "state": {"value": " 5/5 [00:02&lt;00:00,  2.26batch/s]"}},
+    }
+    assert progress_bar_text(state, "box") == "epoch 1/2: 100%|██████████| 5/5 [00:02<00:00,  2.26batch/s]"
+    assert progress_bar_text(state, "label") is None and progress_bar_text(state, "missing") is None
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": state, "version_major": 2,
+                                                                           "version_minor": 0}}
+    view = {"model_id": "box", "version_major": 2, "version_minor": 0}
+    nb.cells = [nbformat.v4.new_code_cell("x", outputs=[nbformat.v4.new_output(
+        "display_data", data={"application/vnd.jupyter.widget-view+json": view, "text/plain": "epoch 1/2:   0%|"})])]
+    output = nbformat.reads(tidy_outputs(nbformat.writes(nb)), as_version=4).cells[0].outputs[0]
+    assert output.data["text/plain"] == "epoch 1/2: 100%|██████████| 5/5 [00:02<00:00,  2.26batch/s]"
+    assert output.data["application/vnd.jupyter.widget-view+json"] == view
+
+
 def test_scrub():
     text = json.dumps({"text": ["key=s3cr/t\"x\n"]})
     assert "s3cr" not in scrub(text, ["s3cr/t\"x"])
@@ -258,6 +282,20 @@ def test_train_notebook_runs_headless(trained):
         assert storage.exists(f"{trained['run']}/{name}")
 
 
+def bars_of(cell: nbformat.NotebookNode) -> list[str]:
+    """The progress bars a cell displayed, as their text shows them."""
+    return [o.data["text/plain"] for o in cell.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+
+
+def test_finished_progress_bars_stay_with_their_count_and_time(trained):
+    nb = nbformat.reads(storage.read_bytes(f"{trained['run']}/train_classifier.executed.ipynb").decode(), as_version=4)
+    training = next(c for c in nb.cells if c.cell_type == "code" and "train(cfg" in c.source)
+    bars = bars_of(training)
+    assert len(bars) == 2, bars  # loading the images, then one epoch
+    assert re.fullmatch(r"loading images: 100%\|█{10}\| 80/80 \[\d\d:\d\d<00:00, .*item/s\]", bars[0]), bars[0]
+    assert re.fullmatch(r"epoch 1/1: 100%\|█{10}\| 5/5 \[\d\d:\d\d<00:00, .*batch/s, loss=\d\.\d{4}\]", bars[1]), bars[1]
+
+
 @pytest.mark.timeout(300)
 def test_test_notebook_runs_with_output_on_s3(trained, capsys):
     evaluation = f"{trained['run']}/evaluation"
@@ -276,6 +314,12 @@ def test_test_notebook_runs_with_output_on_s3(trained, capsys):
     val_images = storage.list_objects(new_images)
     assert f"<caption>{len(val_images)} image(s)</caption>" in predictions
     assert all(f"<td>{o.location}</td>" in predictions for o in val_images)
+    # The evaluation ends with its bar, finished, and a line saying what it did.
+    evaluating = next(c for c in nb.cells if c.cell_type == "code" and "evaluate_model(" in c.source)
+    assert [bar.split("|")[0] for bar in bars_of(evaluating)] == ["loading images: 100%"]
+    printed = "".join(o.text for o in evaluating.outputs if o.output_type == "stream")
+    assert re.fullmatch(r"evaluated 40 images in \d+\.\d s; wrote metrics\.json, predictions\.csv, confusion_matrix\.png, "
+                        rf"roc_curve\.png and pr_curve\.png to {re.escape(evaluation)}\n", printed), printed
     metrics = json.loads(storage.read_bytes(f"{evaluation}/metrics.json"))
     assert set(metrics) >= METRIC_KEYS
     assert metrics["n_images"] == 40

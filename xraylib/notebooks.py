@@ -181,15 +181,44 @@ def collapse_progress(text: str) -> str:
     return "\n".join(lines)
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def progress_bar_text(state: Mapping[str, Any], model_id: str) -> str | None:
+    """The last state of a notebook progress bar (tqdm's: an HBox of an HTML label, a progress bar
+    and an HTML count) as tqdm prints it in a terminal, from a notebook's saved widget `state`;
+    None when `model_id` is not such a bar."""
+    box = state.get(model_id, {})
+    if box.get("model_name") != "HBoxModel":
+        return None
+    children = [state.get(str(ref).removeprefix("IPY_MODEL_"), {}) for ref in box.get("state", {}).get("children", [])]
+    if [c.get("model_name") for c in children] != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+        return None
+    label, bar, count = (c.get("state", {}) for c in children)
+    share = min(max(float(bar.get("value") or 0) / float(bar.get("max") or 1), 0.0), 1.0)
+    filled = round(10 * share)
+    label_text, count_text = (html.unescape(part.get("value", "")).replace("\u2007", " ") for part in (label, count))
+    return f"{label_text}|{'█' * filled}{' ' * (10 - filled)}|{count_text}"  # tqdm's HTML spaces are figure spaces
+
+
 def tidy_outputs(notebook_json: str) -> str:
     """Merge each cell's consecutive stdout (or stderr) outputs into one and collapse progress
-    bars, as JupyterLab shows them: an executed notebook stays small and readable anywhere."""
+    bars, as JupyterLab shows them: an executed notebook stays small and readable anywhere. A
+    progress bar widget's text fallback, which is what JupyterLab shows once the kernel that drew
+    it is gone, says where the bar ended (its count and time), not where it started (0%)."""
     import nbformat
 
     nb = nbformat.reads(notebook_json, as_version=4)
+    widgets = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
+        for output in cell.outputs:
+            view = output.get("data", {}).get(WIDGET_VIEW)
+            text = progress_bar_text(widgets, view.get("model_id", "")) if isinstance(view, dict) else None
+            if text is not None:
+                output.data["text/plain"] = text
         merged: list[Any] = []
         for output in cell.outputs:
             previous = merged[-1] if merged else None

@@ -73,7 +73,7 @@ def train_one_epoch(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=progress, unit="batch", leave=False)
+        bar = tqdm(total=steps, desc=progress, unit="batch", leave=True)  # a finished bar stays, with its count and time
     with warnings.catch_warnings():
         # The scaler skips the first steps while it finds its scale; the schedule counts them all
         # the same, so PyTorch's warning that the optimizer has not stepped yet is moot.
