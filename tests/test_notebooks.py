@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 
-from xraylib import config, locals3, storage
+from xraylib import config, locals3, plots, storage
 from xraylib.errors import ConfigError
 from xraylib.evaluate import Prediction
 from xraylib.notebooks import (
@@ -234,6 +234,37 @@ def test_scrub():
 
 
 # ---------------------------------------------------------------------------------------------
+# The pictures
+
+
+def drawn(figure):
+    """`figure` drawn as a PNG would be, and its renderer, to measure what is on it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def test_training_curves_show_whole_epochs_named_panels_and_the_accuracy_that_is_saved():
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 0.8 / e, "val_roc_auc": 0.9, "val_accuracy": 0.5,
+                "val_threshold": 0.9, "val_accuracy_at_threshold": 0.95} for e in (1, 2)]
+    figure = plots.training_curves_figure(history)
+    drawn(figure)
+    loss, validation = figure.axes
+    for ax in (loss, validation):
+        low, high = ax.get_xlim()
+        assert [t for t in ax.get_xticks() if low <= t <= high] == [1, 2], "epochs are whole numbers"
+        assert ax.get_title() and ax.get_ylabel() and ax.get_xlabel() == "epoch"
+    accuracy = next(line for line in validation.get_lines() if "accuracy" in line.get_label())
+    assert list(accuracy.get_ydata()) == [0.95, 0.95], "the accuracy at the chosen threshold, as the final table shows"
+    assert "threshold" in accuracy.get_label()
+    older = [{k: v for k, v in h.items() if k not in ("val_threshold", "val_accuracy_at_threshold")} for h in history]
+    accuracy = next(line for line in plots.training_curves_figure(older).axes[1].get_lines() if "accuracy" in line.get_label())
+    assert list(accuracy.get_ydata()) == [0.5, 0.5] and accuracy.get_label() == "accuracy at threshold 0.5"
+
+
+# ---------------------------------------------------------------------------------------------
 # Executing the notebooks for real: papermill, a kernel, the loopback S3 server
 
 
@@ -294,6 +325,14 @@ def test_finished_progress_bars_stay_with_their_count_and_time(trained):
     assert len(bars) == 2, bars  # loading the images, then one epoch
     assert re.fullmatch(r"loading images: 100%\|█{10}\| 80/80 \[\d\d:\d\d<00:00, .*item/s\]", bars[0]), bars[0]
     assert re.fullmatch(r"epoch 1/1: 100%\|█{10}\| 5/5 \[\d\d:\d\d<00:00, .*batch/s, loss=\d\.\d{4}\]", bars[1]), bars[1]
+
+
+def test_epoch_lines_give_the_accuracy_at_the_threshold_the_model_is_saved_with(trained):
+    """As the final line and the validation table do: not at 0.5 in one place and at the chosen
+    threshold in the other."""
+    epoch = re.search(r"^epoch 1/1 .* val accuracy (\S+) at threshold (\S+) ", trained["stdout"], re.MULTILINE)
+    final = re.search(r"^best epoch 1: .*, accuracy (\S+) at threshold (\S+);", trained["stdout"], re.MULTILINE)
+    assert epoch and final and epoch.groups() == final.groups(), trained["stdout"]
 
 
 @pytest.mark.timeout(300)

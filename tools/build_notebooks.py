@@ -87,8 +87,10 @@ display(settings_table(cfg))"""),
     ("code", """display(class_counts_table({"train/": dataset.list_images(data, split="train")}))"""),
     ("markdown", """## Training
 
-One bar per epoch; a line per epoch with the training and validation loss and the validation
-ROC AUC. Every epoch is checkpointed, so an interrupted run continues with `resume=True`."""),
+A bar for loading the images, then one per epoch, each left with its count and time when done.
+After each epoch, a line: the training and validation loss, the validation ROC AUC, and the
+validation accuracy at the threshold chosen on validation that epoch, the one its model would be
+saved with. Every epoch is checkpointed, so an interrupted run continues with `resume=True`."""),
     ("code", "result = train(cfg, progress=True)"),
     ("markdown", """## Splits
 

@@ -79,21 +79,30 @@ def pr_curve_figure(labels: Sequence[int], probabilities: Sequence[float]) -> An
 
 
 def training_curves_figure(history: Sequence[dict[str, Any]]) -> Any:
-    """Training loss and validation loss/ROC AUC/accuracy per epoch."""
+    """Training and validation loss per epoch; validation ROC AUC and accuracy. The accuracy is at
+    the threshold chosen on validation that epoch, the one its model is saved with (at 0.5 for a
+    history written before that was recorded, and labelled so)."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
     fig = _figure(9, 3.5)
     loss_ax, metric_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
     loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
-    loss_ax.set_xlabel("epoch")
-    loss_ax.set_ylabel("loss")
+    loss_ax.set_title("loss")
+    loss_ax.set_ylabel("cross-entropy loss")
     loss_ax.legend()
-    for key in ("val_roc_auc", "val_accuracy"):
-        metric_ax.plot(epochs, [h[key] for h in history], marker="o", label=key.removeprefix("val_"))
-    metric_ax.set_xlabel("epoch")
+    metric_ax.plot(epochs, [h["val_roc_auc"] for h in history], marker="o", label="ROC AUC")
+    at_threshold = all("val_accuracy_at_threshold" in h for h in history)
+    metric_ax.plot(epochs, [h["val_accuracy_at_threshold" if at_threshold else "val_accuracy"] for h in history], marker="o",
+                   label="accuracy at the chosen threshold" if at_threshold else "accuracy at threshold 0.5")
     metric_ax.set_ylim(0, 1.02)
     metric_ax.set_title("validation")
+    metric_ax.set_ylabel("ROC AUC, accuracy")
     metric_ax.legend(loc="lower right")
+    for ax in (loss_ax, metric_ax):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.2, 1.4, ...
     return fig
 
 

@@ -280,10 +280,14 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
                "val_roc_auc": val["chosen"]["roc_auc"], "val_accuracy": val["at_half"]["accuracy"],
                "val_sensitivity": val["at_half"]["sensitivity"], "val_specificity": val["at_half"]["specificity"],
                "lr": scheduler.get_last_lr()[0], "seconds": seconds}
+        # What this epoch's model would be saved with: the threshold chosen on validation, and the
+        # accuracy there (val_accuracy, sensitivity and specificity above are at 0.5, for comparisons).
+        row.update(val_threshold=val["chosen"]["threshold"], val_accuracy_at_threshold=val["chosen"]["accuracy"])
         history.append(row)
         improved = is_better_epoch(row, best)
         log(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
-            f"val ROC AUC {row['val_roc_auc']:.4f}  val accuracy {row['val_accuracy']:.4f}  "
+            f"val ROC AUC {row['val_roc_auc']:.4f}  val accuracy {row['val_accuracy_at_threshold']:.4f} "
+            f"at threshold {row['val_threshold']:.3f}  "
             f"{seconds:.0f}s{'  (best so far)' if improved else ''}")
         if improved:
             best = {"epoch": epoch, "roc_auc": row["val_roc_auc"], "val_loss": row["val_loss"], "metrics": val["chosen"]}
