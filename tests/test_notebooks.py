@@ -327,6 +327,10 @@ def test_finished_progress_bars_stay_with_their_count_and_time(trained):
     assert re.fullmatch(r"epoch 1/1: 100%\|█{10}\| 5/5 \[\d\d:\d\d<00:00, .*batch/s, loss=\d\.\d{4}\]", bars[1]), bars[1]
 
 
+def test_training_log_says_how_the_network_starts(trained):
+    assert "training ResNet50 from scratch on cpu" in trained["stdout"] and "(none weights)" not in trained["stdout"]
+
+
 def test_epoch_lines_give_the_accuracy_at_the_threshold_the_model_is_saved_with(trained):
     """As the final line and the validation table do: not at 0.5 in one place and at the chosen
     threshold in the other."""

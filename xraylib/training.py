@@ -262,7 +262,8 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
         best = json.loads(checkpoint["best_json"])
         first_epoch = int(checkpoint["epoch"]) + 1
         log(f"resuming {out} after epoch {first_epoch - 1}")
-    log(f"training ResNet50 ({cfg.weights} weights) on {device.type}"
+    start = {"none": "from scratch", "imagenet": "from ImageNet weights"}.get(cfg.weights, f"from the weights in {cfg.weights}")
+    log(f"training ResNet50 {start} on {device.type}"
         f"{' with ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else ''}"
         f"{' and loss scaling' if scaler is not None else ''}, {cfg.epochs} epochs, "
         f"{cfg.image_size}px, batch {cfg.batch_size}")
