@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +29,7 @@ from xraylib.notebooks import (
     NotebookError,
     class_counts_table,
     collapse_progress,
+    common_folder,
     metrics_table,
     notebook_parameters,
     notebook_path,
@@ -179,7 +181,7 @@ def test_tables():
     metrics = {"accuracy": 0.9, "roc_auc": 0.95, "n_images": 10, "threshold": 0.5, "confusion_matrix": {}}
     table = metrics_table(metrics, title="test")
     assert [r[0] for r in table.rows] == ["accuracy", "roc_auc", "threshold", "n_images"]
-    assert "<td>0.9000</td>" in table._repr_html_()
+    assert ["td", "0.9000", "right"] in Cells(table._repr_html_()).cells
     assert "| accuracy | 0.9000 |" in table._repr_markdown_()
     assert "roc_auc" in str(table)
 
@@ -189,8 +191,55 @@ def test_tables():
     assert counts.rows == (("train", "1", "2", "3"),)
 
     predictions = predictions_table([Prediction("s3://b/new/a.jpeg", "PNEUMONIA", 0.91234)])
-    assert predictions.rows == (("s3://b/new/a.jpeg", "PNEUMONIA", "0.9123"),)
-    assert predictions.title == "1 image(s)"
+    assert predictions.rows == (("a.jpeg", "PNEUMONIA", "0.9123"),)
+    assert predictions.title == "1 image(s) in s3://b/new"
+    assert predictions_table([]).title == "0 image(s)"
+
+
+class Cells(HTMLParser):
+    """The cells of an HTML table: (tag, text, CSS text-align or None)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.cells: list[list] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("td", "th"):
+            style = dict(attrs).get("style") or ""
+            align = next((rule.split(":")[1].strip() for rule in style.split(";") if rule.strip().startswith("text-align")), None)
+            self.cells.append([tag, "", align])
+
+    def handle_data(self, data):
+        if self.cells:
+            self.cells[-1][1] += data
+
+
+def test_table_text_is_left_aligned_and_numbers_right():
+    """JupyterLab right-aligns table cells: the text columns (what a metric means, image names) were
+    ragged. Numbers stay right-aligned."""
+    table = metrics_table({"accuracy": 0.9, "roc_auc": 0.95, "n_images": 10}, title="test")
+    cells = Cells(table._repr_html_()).cells
+    assert ["td", "share of all images classified correctly", "left"] in cells
+    assert ["td", "accuracy", "left"] in cells and ["th", "metric", "left"] in cells
+    assert ["td", "0.9000", "right"] in cells and ["td", "10", "right"] in cells and ["th", "value", "right"] in cells
+    assert "|:---|---:|:---|" in table._repr_markdown_()
+    assert "accuracy  0.9000  share" in str(table) and "n_images      10  images" in str(table)
+    predictions = Cells(predictions_table([Prediction("s3://b/new/a.jpeg", "PNEUMONIA", 0.9)])._repr_html_()).cells
+    assert [align for tag, _, align in predictions if tag == "td"] == ["left", "left", "right"]
+
+
+@pytest.mark.parametrize(("locations", "folder"), [
+    (["s3://b/x/val/NORMAL/a.jpeg", "s3://b/x/val/PNEUMONIA/b.jpeg"], "s3://b/x/val"),
+    (["s3://b/a.jpeg", "s3://b/c/d.jpeg"], "s3://b"),
+    (["s3://b/a.jpeg", "s3://c/a.jpeg"], ""),
+    (["/data/new/a.png", "/data/new/b.png"], "/data/new"),
+    (["/a.png", "/b/c.png"], ""),
+    (["a.png", "b.png"], ""),
+    (["new/a.png", "new/b.png"], "new"),
+])
+def test_common_folder(locations, folder):
+    assert common_folder(locations) == folder
 
 
 def test_progress_bars_are_collapsed():
@@ -262,6 +311,24 @@ def test_training_curves_show_whole_epochs_named_panels_and_the_accuracy_that_is
     older = [{k: v for k, v in h.items() if k not in ("val_threshold", "val_accuracy_at_threshold")} for h in history]
     accuracy = next(line for line in plots.training_curves_figure(older).axes[1].get_lines() if "accuracy" in line.get_label())
     assert list(accuracy.get_ydata()) == [0.5, 0.5] and accuracy.get_label() == "accuracy at threshold 0.5"
+
+
+def test_sample_image_titles_are_whole_and_fit_their_column():
+    import torch
+
+    names = ["person1946_bacteria_4874.jpeg", "NORMAL2-IM-1427-0001.jpeg", "person101_bacteria_18.jpeg", "IM-0002-0001.jpeg"]
+    records = tuple(SimpleNamespace(obj=SimpleNamespace(relpath=f"train/X/{n}")) for n in names * 2)
+    data = SimpleNamespace(labels=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), class_names=("NORMAL", "PNEUMONIA"),
+                           records=records, pixels=torch.zeros((8, 16, 16), dtype=torch.uint8))
+    figure = plots.sample_images_figure(data)
+    renderer = drawn(figure)
+    titles = [ax.title for ax in figure.axes if ax.get_title()]
+    assert sorted(t.get_text().split("\n")[1] for t in titles) == sorted(names * 2), "file names are not cut"
+    pitch = figure.bbox.width / 4
+    for title in titles:
+        box = title.get_window_extent(renderer)
+        column = int(((box.x0 + box.x1) / 2) // pitch)
+        assert column * pitch <= box.x0 and box.x1 <= (column + 1) * pitch, f"{title.get_text()!r} overflows its column"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,11 +419,12 @@ def test_test_notebook_runs_with_output_on_s3(trained, capsys):
     assert_executed_cleanly(nb)
     pictures = [o for o in outputs_of(nb) if "image/png" in o.get("data", {})]
     assert len(pictures) == 4  # confusion matrix, ROC, PR, mistakes
-    # The last table classifies every image below new_images, each named by its location.
+    # The last table classifies every image below new_images, each named from there.
     predictions = "".join(outputs_of(nb)[-1]["data"]["text/html"])
     val_images = storage.list_objects(new_images)
-    assert f"<caption>{len(val_images)} image(s)</caption>" in predictions
-    assert all(f"<td>{o.location}</td>" in predictions for o in val_images)
+    assert f"<caption>{len(val_images)} image(s) in {new_images}</caption>" in predictions
+    assert sorted(text for tag, text, align in Cells(predictions).cells if tag == "td" and align == "left"
+                  and text.endswith(".jpeg")) == sorted(o.relpath for o in val_images)
     # The evaluation ends with its bar, finished, and a line saying what it did.
     evaluating = next(c for c in nb.cells if c.cell_type == "code" and "evaluate_model(" in c.source)
     assert [bar.split("|")[0] for bar in bars_of(evaluating)] == ["loading images: 100%"]

@@ -128,7 +128,7 @@ xraylib run test -p model s3://BUCKET/runs/resnet50 -p data s3://BUCKET/chest_xr
 data = "chest_xray"  # the dataset root holding test/, or a folder of class folders
 out = "runs/resnet50/evaluation"  # where metrics.json, predictions.csv and the pictures go
 tta = False  # True averages over slightly rotated and zoomed views: 5x the compute
-new_images = []  # images to classify: an image file, a folder or s3:// prefix of them, or a list; [] for none"""),
+new_images = []  # an image, a folder or s3:// prefix of images, or a list of those; [] for none"""),
     ("code", """%matplotlib inline
 from IPython.display import display
 

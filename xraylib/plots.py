@@ -106,26 +106,44 @@ def training_curves_figure(history: Sequence[dict[str, Any]]) -> Any:
     return fig
 
 
+def _fitting_fontsize(titles: Sequence[str], width_in: float, largest: float = 9, smallest: float = 6) -> float:
+    """The largest font size (points) at which every line of `titles` fits `width_in` inches."""
+    from matplotlib.textpath import TextPath
+
+    lines = [line for title in titles for line in title.split("\n") if line]
+    if not lines:
+        return largest
+    widest = max(TextPath((0, 0), line, size=1).get_extents().width for line in lines)  # points per point of size
+    return max(smallest, min(largest, 0.92 * width_in * 72 / widest))
+
+
 def image_grid_figure(pixels: Any, titles: Sequence[str], columns: int = 4) -> Any:
-    """Grayscale images (uint8 [N, H, W]) in a grid, each with its title."""
+    """Grayscale images (uint8 [N, H, W]) in a grid, each with its title, whole: the font shrinks
+    (down to 6 pt) until the longest title line fits its column."""
     n = len(titles)
     rows = max(1, -(-n // columns))
-    fig = _figure(2.4 * columns, 2.6 * rows)
+    width = 2.4
+    fig = _figure(width * columns, 2.6 * rows)
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    fontsize = _fitting_fontsize(titles, width)
     for ax in axes:
         ax.axis("off")
     for ax, image, title in zip(axes, pixels, titles, strict=False):
         ax.imshow(np.asarray(image), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=fontsize)
     return fig
 
 
+def _file_name(location: str) -> str:
+    return location.rsplit("/", 1)[-1]
+
+
 def sample_images_figure(data: Any, per_class: int = 4, seed: int = 0) -> Any:
-    """A few images of each class with their labels (`data`: dataset.LoadedImages)."""
+    """A few images of each class with their labels and file names (`data`: dataset.LoadedImages)."""
     rng = np.random.default_rng(seed)
     labels = data.labels.numpy()
     rows = [int(i) for label in (0, 1) for i in rng.permutation(np.flatnonzero(labels == label))[:per_class]]
-    titles = [f"{data.class_names[labels[i]]}\n{data.records[i].obj.relpath.rsplit('/', 1)[-1][:24]}" for i in rows]
+    titles = [f"{data.class_names[labels[i]]}\n{_file_name(data.records[i].obj.relpath)}" for i in rows]
     return image_grid_figure(data.pixels[rows], titles, columns=per_class)
 
 
@@ -134,7 +152,8 @@ def confident_mistakes_figure(evaluation: Any, n: int = 8) -> Any:
     rows = evaluation.most_confident_mistakes(n)
     names = evaluation.class_names
     titles = [
-        f"true {names[evaluation.labels[i]]}\np({names[1]})={evaluation.probabilities[i]:.2f}" for i in rows
+        f"{_file_name(evaluation.names[i])}\ntrue {names[evaluation.labels[i]]}\np({names[1]})={evaluation.probabilities[i]:.2f}"
+        for i in rows
     ]
     if not rows:
         fig = _figure(4, 1)
