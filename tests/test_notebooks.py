@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from html.parser import HTMLParser
@@ -21,6 +20,7 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 
+from tests.jupyterlab import jupyter_lab
 from xraylib import config, locals3, plots, storage
 from xraylib.errors import ConfigError
 from xraylib.evaluate import Prediction
@@ -508,49 +508,17 @@ def test_kernel_is_this_python_and_secrets_are_blanked(s3_server, tmp_path, monk
 
 @pytest.mark.timeout(120)
 def test_jupyter_lab_lists_the_notebooks(tmp_path):
-    token = uuid.uuid4().hex
-    port = locals3.free_port()
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config")}
-    jupyter = Path(sys.executable).parent / "jupyter"
-    server = subprocess.Popen(
-        [str(jupyter), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={token}",
-         f"--ServerApp.root_dir={ROOT}", "--ServerApp.port_retries=0", *(["--allow-root"] if os.geteuid() == 0 else [])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def get(path: str) -> dict:
-        request = urllib.request.Request(base + path, headers={"Authorization": f"token {token}"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
-            try:
-                get("/api/status")
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "JupyterLab did not answer within 90 s"
-                time.sleep(0.5)
-        listing = get("/api/contents/notebooks")
+    with jupyter_lab(ROOT, tmp_path / "lab", timeout=90) as lab:
+        listing = lab.get("/api/contents/notebooks")
         notebooks = {item["name"]: item["type"] for item in listing["content"]}
         assert notebooks["train_classifier.ipynb"] == "notebook"
         assert notebooks["test_classifier.ipynb"] == "notebook"
-        opened = get("/api/contents/notebooks/train_classifier.ipynb")
+        opened = lab.get("/api/contents/notebooks/train_classifier.ipynb")
         assert opened["content"]["metadata"]["kernelspec"]["name"] == "python3"
-        unauthorized = urllib.request.Request(base + "/api/contents/notebooks")
+        unauthorized = urllib.request.Request(lab.url + "/api/contents/notebooks")
         with pytest.raises(urllib.error.HTTPError) as denied:
             urllib.request.urlopen(unauthorized, timeout=10)
         assert denied.value.code == 403
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 # ---------------------------------------------------------------------------------------------
