@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Override for another platform, e.g. TORCH="torch torchvision" (the CPU or CUDA build you want).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-slow lint lab clean
+.PHONY: install demo test test-browser test-slow lint lab clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# JupyterLab in headless Chromium: Debian's `chromium` package (apt-get install chromium), no browser download.
+test-browser: install
+	$(BIN)/python -m pytest -m browser
+
 test-slow: install
 	$(BIN)/python -m pytest -m slow
 
@@ -35,4 +39,4 @@ lab: install
 	$(BIN)/jupyter lab notebooks/
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) demo-output test-output .pytest_cache

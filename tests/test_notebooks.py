@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import io
 import json
 import os
+import re
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
+from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
 
 import nbformat
 import pytest
 
-from xraylib import config, locals3, storage
+from tests.jupyterlab import jupyter_lab
+from xraylib import config, locals3, plots, storage
 from xraylib.errors import ConfigError
 from xraylib.evaluate import Prediction
 from xraylib.notebooks import (
@@ -26,11 +29,13 @@ from xraylib.notebooks import (
     NotebookError,
     class_counts_table,
     collapse_progress,
+    common_folder,
     metrics_table,
     notebook_parameters,
     notebook_path,
     parse_parameters,
     predictions_table,
+    progress_bar_text,
     run_notebook,
     scrub,
     tidy_outputs,
@@ -93,6 +98,44 @@ def test_notebook_parameters():
     assert set(notebook_parameters(notebook_path("test"))) == TEST_PARAMETERS
 
 
+@pytest.fixture(scope="module")
+def kernel_metadata() -> dict:
+    """What JupyterLab writes into a notebook's metadata once the `python3` kernel of this
+    environment is up: the kernelspec it started, and the language_info of the kernel's reply."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import start_new_kernel
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    manager, client = start_new_kernel(kernel_name="python3")
+    try:
+        client.kernel_info()
+        reply = client.get_shell_msg(timeout=60)
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    return {"kernelspec": {"name": "python3", "display_name": spec.display_name, "language": spec.language},
+            "language_info": reply["content"]["language_info"]}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["train", "test"])
+def test_notebooks_are_saved_as_jupyterlab_saves_them(name, kernel_metadata):
+    """Opened and left untouched, a notebook is not marked modified: JupyterLab sets the kernel's
+    metadata (a change when it differs from the file's) and jupyter_server writes it with
+    `nbformat.write`; the committed file is already that, byte for byte."""
+    committed = (ROOT / "notebooks" / NOTEBOOKS[name]).read_text(encoding="utf-8")
+    nb = nbformat.reads(committed, as_version=4)  # as the contents API hands it to JupyterLab
+    python = nb.metadata.get("language_info", {}).get("version")
+    nb.metadata.update(kernel_metadata)
+    nb.metadata.language_info["version"] = python  # compared last, below
+    saved = io.StringIO()
+    nbformat.write(nbformat.from_dict(nb), saved, version=nbformat.NO_CONVERT)
+    assert saved.getvalue() == committed
+    if python != kernel_metadata["language_info"]["version"]:
+        pytest.skip(f"the notebooks record Python {python}, this kernel runs {kernel_metadata['language_info']['version']}: "
+                    "JupyterLab marks them modified when it opens them here")
+
+
 def test_notebooks_match_their_generator():
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "build_notebooks.py"), "--check"],
                             capture_output=True, text=True)
@@ -138,7 +181,7 @@ def test_tables():
     metrics = {"accuracy": 0.9, "roc_auc": 0.95, "n_images": 10, "threshold": 0.5, "confusion_matrix": {}}
     table = metrics_table(metrics, title="test")
     assert [r[0] for r in table.rows] == ["accuracy", "roc_auc", "threshold", "n_images"]
-    assert "<td>0.9000</td>" in table._repr_html_()
+    assert ["td", "0.9000", "right"] in Cells(table._repr_html_()).cells
     assert "| accuracy | 0.9000 |" in table._repr_markdown_()
     assert "roc_auc" in str(table)
 
@@ -148,8 +191,55 @@ def test_tables():
     assert counts.rows == (("train", "1", "2", "3"),)
 
     predictions = predictions_table([Prediction("s3://b/new/a.jpeg", "PNEUMONIA", 0.91234)])
-    assert predictions.rows == (("s3://b/new/a.jpeg", "PNEUMONIA", "0.9123"),)
-    assert predictions.title == "1 image(s)"
+    assert predictions.rows == (("a.jpeg", "PNEUMONIA", "0.9123"),)
+    assert predictions.title == "1 image(s) in s3://b/new"
+    assert predictions_table([]).title == "0 image(s)"
+
+
+class Cells(HTMLParser):
+    """The cells of an HTML table: (tag, text, CSS text-align or None)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.cells: list[list] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("td", "th"):
+            style = dict(attrs).get("style") or ""
+            align = next((rule.split(":")[1].strip() for rule in style.split(";") if rule.strip().startswith("text-align")), None)
+            self.cells.append([tag, "", align])
+
+    def handle_data(self, data):
+        if self.cells:
+            self.cells[-1][1] += data
+
+
+def test_table_text_is_left_aligned_and_numbers_right():
+    """JupyterLab right-aligns table cells: the text columns (what a metric means, image names) were
+    ragged. Numbers stay right-aligned."""
+    table = metrics_table({"accuracy": 0.9, "roc_auc": 0.95, "n_images": 10}, title="test")
+    cells = Cells(table._repr_html_()).cells
+    assert ["td", "share of all images classified correctly", "left"] in cells
+    assert ["td", "accuracy", "left"] in cells and ["th", "metric", "left"] in cells
+    assert ["td", "0.9000", "right"] in cells and ["td", "10", "right"] in cells and ["th", "value", "right"] in cells
+    assert "|:---|---:|:---|" in table._repr_markdown_()
+    assert "accuracy  0.9000  share" in str(table) and "n_images      10  images" in str(table)
+    predictions = Cells(predictions_table([Prediction("s3://b/new/a.jpeg", "PNEUMONIA", 0.9)])._repr_html_()).cells
+    assert [align for tag, _, align in predictions if tag == "td"] == ["left", "left", "right"]
+
+
+@pytest.mark.parametrize(("locations", "folder"), [
+    (["s3://b/x/val/NORMAL/a.jpeg", "s3://b/x/val/PNEUMONIA/b.jpeg"], "s3://b/x/val"),
+    (["s3://b/a.jpeg", "s3://b/c/d.jpeg"], "s3://b"),
+    (["s3://b/a.jpeg", "s3://c/a.jpeg"], ""),
+    (["/data/new/a.png", "/data/new/b.png"], "/data/new"),
+    (["/a.png", "/b/c.png"], ""),
+    (["a.png", "b.png"], ""),
+    (["new/a.png", "new/b.png"], "new"),
+])
+def test_common_folder(locations, folder):
+    assert common_folder(locations) == folder
 
 
 def test_progress_bars_are_collapsed():
@@ -165,9 +255,80 @@ def test_progress_bars_are_collapsed():
     assert [(o.name, o.text) for o in outputs] == [("stderr", "b 2/2\n"), ("stdout", "done\n")]
 
 
+def test_progress_bar_widgets_keep_their_final_text():
+    """An executed notebook read without its kernel shows a widget's text fallback: the bar as it
+    ended, not at 0%."""
+    state = {
+        "box": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_label", "IPY_MODEL_bar", "IPY_MODEL_count"]}},
+        "label": {"model_name": "HTMLModel", "state": {"value": "epoch 1/2: 100%"}},
+        "bar": {"model_name": "FloatProgressModel", "state": {"value": 5, "max": 5}},
+        "count": {"model_name": "HTMLModel", "state": {"value": " 5/5 [00:02&lt;00:00,  2.26batch/s]"}},
+    }
+    assert progress_bar_text(state, "box") == "epoch 1/2: 100%|██████████| 5/5 [00:02<00:00,  2.26batch/s]"
+    assert progress_bar_text(state, "label") is None and progress_bar_text(state, "missing") is None
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": state, "version_major": 2,
+                                                                           "version_minor": 0}}
+    view = {"model_id": "box", "version_major": 2, "version_minor": 0}
+    nb.cells = [nbformat.v4.new_code_cell("x", outputs=[nbformat.v4.new_output(
+        "display_data", data={"application/vnd.jupyter.widget-view+json": view, "text/plain": "epoch 1/2:   0%|"})])]
+    output = nbformat.reads(tidy_outputs(nbformat.writes(nb)), as_version=4).cells[0].outputs[0]
+    assert output.data["text/plain"] == "epoch 1/2: 100%|██████████| 5/5 [00:02<00:00,  2.26batch/s]"
+    assert output.data["application/vnd.jupyter.widget-view+json"] == view
+
+
 def test_scrub():
     text = json.dumps({"text": ["key=s3cr/t\"x\n"]})
     assert "s3cr" not in scrub(text, ["s3cr/t\"x"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The pictures
+
+
+def drawn(figure):
+    """`figure` drawn as a PNG would be, and its renderer, to measure what is on it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def test_training_curves_show_whole_epochs_named_panels_and_the_accuracy_that_is_saved():
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 0.8 / e, "val_roc_auc": 0.9, "val_accuracy": 0.5,
+                "val_threshold": 0.9, "val_accuracy_at_threshold": 0.95} for e in (1, 2)]
+    figure = plots.training_curves_figure(history)
+    drawn(figure)
+    loss, validation = figure.axes
+    for ax in (loss, validation):
+        low, high = ax.get_xlim()
+        assert [t for t in ax.get_xticks() if low <= t <= high] == [1, 2], "epochs are whole numbers"
+        assert ax.get_title() and ax.get_ylabel() and ax.get_xlabel() == "epoch"
+    accuracy = next(line for line in validation.get_lines() if "accuracy" in line.get_label())
+    assert list(accuracy.get_ydata()) == [0.95, 0.95], "the accuracy at the chosen threshold, as the final table shows"
+    assert "threshold" in accuracy.get_label()
+    older = [{k: v for k, v in h.items() if k not in ("val_threshold", "val_accuracy_at_threshold")} for h in history]
+    accuracy = next(line for line in plots.training_curves_figure(older).axes[1].get_lines() if "accuracy" in line.get_label())
+    assert list(accuracy.get_ydata()) == [0.5, 0.5] and accuracy.get_label() == "accuracy at threshold 0.5"
+
+
+def test_sample_image_titles_are_whole_and_fit_their_column():
+    import torch
+
+    names = ["person1946_bacteria_4874.jpeg", "NORMAL2-IM-1427-0001.jpeg", "person101_bacteria_18.jpeg", "IM-0002-0001.jpeg"]
+    records = tuple(SimpleNamespace(obj=SimpleNamespace(relpath=f"train/X/{n}")) for n in names * 2)
+    data = SimpleNamespace(labels=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), class_names=("NORMAL", "PNEUMONIA"),
+                           records=records, pixels=torch.zeros((8, 16, 16), dtype=torch.uint8))
+    figure = plots.sample_images_figure(data)
+    renderer = drawn(figure)
+    titles = [ax.title for ax in figure.axes if ax.get_title()]
+    assert sorted(t.get_text().split("\n")[1] for t in titles) == sorted(names * 2), "file names are not cut"
+    pitch = figure.bbox.width / 4
+    for title in titles:
+        box = title.get_window_extent(renderer)
+        column = int(((box.x0 + box.x1) / 2) // pitch)
+        assert column * pitch <= box.x0 and box.x1 <= (column + 1) * pitch, f"{title.get_text()!r} overflows its column"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +380,32 @@ def test_train_notebook_runs_headless(trained):
         assert storage.exists(f"{trained['run']}/{name}")
 
 
+def bars_of(cell: nbformat.NotebookNode) -> list[str]:
+    """The progress bars a cell displayed, as their text shows them."""
+    return [o.data["text/plain"] for o in cell.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+
+
+def test_finished_progress_bars_stay_with_their_count_and_time(trained):
+    nb = nbformat.reads(storage.read_bytes(f"{trained['run']}/train_classifier.executed.ipynb").decode(), as_version=4)
+    training = next(c for c in nb.cells if c.cell_type == "code" and "train(cfg" in c.source)
+    bars = bars_of(training)
+    assert len(bars) == 2, bars  # loading the images, then one epoch
+    assert re.fullmatch(r"loading images: 100%\|█{10}\| 80/80 \[\d\d:\d\d<00:00, .*item/s\]", bars[0]), bars[0]
+    assert re.fullmatch(r"epoch 1/1: 100%\|█{10}\| 5/5 \[\d\d:\d\d<00:00, .*batch/s, loss=\d\.\d{4}\]", bars[1]), bars[1]
+
+
+def test_training_log_says_how_the_network_starts(trained):
+    assert "training ResNet50 from scratch on cpu" in trained["stdout"] and "(none weights)" not in trained["stdout"]
+
+
+def test_epoch_lines_give_the_accuracy_at_the_threshold_the_model_is_saved_with(trained):
+    """As the final line and the validation table do: not at 0.5 in one place and at the chosen
+    threshold in the other."""
+    epoch = re.search(r"^epoch 1/1 .* val accuracy (\S+) at threshold (\S+) ", trained["stdout"], re.MULTILINE)
+    final = re.search(r"^best epoch 1: .*, accuracy (\S+) at threshold (\S+);", trained["stdout"], re.MULTILINE)
+    assert epoch and final and epoch.groups() == final.groups(), trained["stdout"]
+
+
 @pytest.mark.timeout(300)
 def test_test_notebook_runs_with_output_on_s3(trained, capsys):
     evaluation = f"{trained['run']}/evaluation"
@@ -232,11 +419,18 @@ def test_test_notebook_runs_with_output_on_s3(trained, capsys):
     assert_executed_cleanly(nb)
     pictures = [o for o in outputs_of(nb) if "image/png" in o.get("data", {})]
     assert len(pictures) == 4  # confusion matrix, ROC, PR, mistakes
-    # The last table classifies every image below new_images, each named by its location.
+    # The last table classifies every image below new_images, each named from there.
     predictions = "".join(outputs_of(nb)[-1]["data"]["text/html"])
     val_images = storage.list_objects(new_images)
-    assert f"<caption>{len(val_images)} image(s)</caption>" in predictions
-    assert all(f"<td>{o.location}</td>" in predictions for o in val_images)
+    assert f"<caption>{len(val_images)} image(s) in {new_images}</caption>" in predictions
+    assert sorted(text for tag, text, align in Cells(predictions).cells if tag == "td" and align == "left"
+                  and text.endswith(".jpeg")) == sorted(o.relpath for o in val_images)
+    # The evaluation ends with its bar, finished, and a line saying what it did.
+    evaluating = next(c for c in nb.cells if c.cell_type == "code" and "evaluate_model(" in c.source)
+    assert [bar.split("|")[0] for bar in bars_of(evaluating)] == ["loading images: 100%"]
+    printed = "".join(o.text for o in evaluating.outputs if o.output_type == "stream")
+    assert re.fullmatch(r"evaluated 40 images in \d+\.\d s; wrote metrics\.json, predictions\.csv, confusion_matrix\.png, "
+                        rf"roc_curve\.png and pr_curve\.png to {re.escape(evaluation)}\n", printed), printed
     metrics = json.loads(storage.read_bytes(f"{evaluation}/metrics.json"))
     assert set(metrics) >= METRIC_KEYS
     assert metrics["n_images"] == 40
@@ -314,49 +508,17 @@ def test_kernel_is_this_python_and_secrets_are_blanked(s3_server, tmp_path, monk
 
 @pytest.mark.timeout(120)
 def test_jupyter_lab_lists_the_notebooks(tmp_path):
-    token = uuid.uuid4().hex
-    port = locals3.free_port()
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config")}
-    jupyter = Path(sys.executable).parent / "jupyter"
-    server = subprocess.Popen(
-        [str(jupyter), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={token}",
-         f"--ServerApp.root_dir={ROOT}", "--ServerApp.port_retries=0", *(["--allow-root"] if os.geteuid() == 0 else [])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def get(path: str) -> dict:
-        request = urllib.request.Request(base + path, headers={"Authorization": f"token {token}"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
-            try:
-                get("/api/status")
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "JupyterLab did not answer within 90 s"
-                time.sleep(0.5)
-        listing = get("/api/contents/notebooks")
+    with jupyter_lab(ROOT, tmp_path / "lab", timeout=90) as lab:
+        listing = lab.get("/api/contents/notebooks")
         notebooks = {item["name"]: item["type"] for item in listing["content"]}
         assert notebooks["train_classifier.ipynb"] == "notebook"
         assert notebooks["test_classifier.ipynb"] == "notebook"
-        opened = get("/api/contents/notebooks/train_classifier.ipynb")
+        opened = lab.get("/api/contents/notebooks/train_classifier.ipynb")
         assert opened["content"]["metadata"]["kernelspec"]["name"] == "python3"
-        unauthorized = urllib.request.Request(base + "/api/contents/notebooks")
+        unauthorized = urllib.request.Request(lab.url + "/api/contents/notebooks")
         with pytest.raises(urllib.error.HTTPError) as denied:
             urllib.request.urlopen(unauthorized, timeout=10)
         assert denied.value.code == 403
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,8 +46,11 @@ def test_environment_yml_matches_pyproject():
     assert installs_xraylib, "environment.yml must install xraylib itself (`-e .` or `.`)"
     env_names = {requirement_name(p) for p in pip if p not in installs_xraylib}
     runtime = {requirement_name(r) for r in pyproject()["project"]["dependencies"]}
-    assert env_names - runtime == set(), "in environment.yml but not in pyproject.toml's dependencies"
+    test = {requirement_name(r) for r in pyproject()["project"]["optional-dependencies"]["test"]}
+    assert env_names - runtime - test == set(), "in environment.yml but in neither pyproject.toml's dependencies nor its test extra"
     assert runtime - env_names == set(), "in pyproject.toml's dependencies but not in environment.yml"
+    # `make test-browser` drives Chromium with Playwright, in a conda env (SageMaker) as in .venv.
+    assert "playwright" in env_names & test
     # The packages the design names are there.
     assert {"jupyterlab", "torch", "torchvision", "boto3", "matplotlib", "scikit-learn", "papermill"} <= env_names
 

@@ -8,6 +8,7 @@ result; the first code cell, tagged `parameters`, holds every knob (papermill ov
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -16,7 +17,23 @@ import nbformat
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 
+# The metadata JupyterLab writes into a notebook once its kernel is up: the kernelspec it started
+# and the kernel's language_info. The committed files carry exactly that, or JupyterLab marks an
+# untouched notebook modified the moment it opens it. ipykernel reports the version of the Python
+# it runs; this is the project's (the .venv that `make` creates on the CI machine). Under another
+# Python the notebooks open and run all the same, and only the modified mark comes back.
+# tests/test_notebooks.py compares the files with what a kernel of the test's environment reports.
+PYTHON_VERSION = "3.11.7"
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+LANGUAGE_INFO = {
+    "name": "python",
+    "version": PYTHON_VERSION,
+    "mimetype": "text/x-python",
+    "codemirror_mode": {"name": "ipython", "version": 3},
+    "pygments_lexer": "ipython3",
+    "nbconvert_exporter": "python",
+    "file_extension": ".py",
+}
 
 TRAIN = [
     ("markdown", """# Train the pneumonia classifier
@@ -74,8 +91,10 @@ display(settings_table(cfg))"""),
     ("code", """display(class_counts_table({"train/": dataset.list_images(data, split="train")}))"""),
     ("markdown", """## Training
 
-One bar per epoch; a line per epoch with the training and validation loss and the validation
-ROC AUC. Every epoch is checkpointed, so an interrupted run continues with `resume=True`."""),
+A bar for loading the images, then one per epoch, each left with its count and time when done.
+After each epoch, a line: the training and validation loss, the validation ROC AUC, and the
+validation accuracy at the threshold chosen on validation that epoch, the one its model would be
+saved with. Every epoch is checkpointed, so an interrupted run continues with `resume=True`."""),
     ("code", "result = train(cfg, progress=True)"),
     ("markdown", """## Splits
 
@@ -113,7 +132,7 @@ xraylib run test -p model s3://BUCKET/runs/resnet50 -p data s3://BUCKET/chest_xr
 data = "chest_xray"  # the dataset root holding test/, or a folder of class folders
 out = "runs/resnet50/evaluation"  # where metrics.json, predictions.csv and the pictures go
 tta = False  # True averages over slightly rotated and zoomed views: 5x the compute
-new_images = []  # images to classify: an image file, a folder or s3:// prefix of them, or a list; [] for none"""),
+new_images = []  # an image, a folder or s3:// prefix of images, or a list of those; [] for none"""),
     ("code", """%matplotlib inline
 from IPython.display import display
 
@@ -141,7 +160,7 @@ display(predictions_table(predictions))"""),
 
 def build(cells: list[tuple[str, str]], prefix: str) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
-    nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}}
+    nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": copy.deepcopy(LANGUAGE_INFO)}
     for i, (kind, source) in enumerate(cells):
         cell_id = f"{prefix}-{i:02d}"
         if kind == "markdown":
@@ -159,6 +178,8 @@ NOTEBOOKS = {"train_classifier.ipynb": (TRAIN, "train"), "test_classifier.ipynb"
 
 
 def rendered() -> dict[Path, str]:
+    """Each notebook's text as jupyter_server saves it (`nbformat.write`: nbformat 4.5, keys sorted,
+    one-space indents, a final newline)."""
     return {NOTEBOOK_DIR / name: nbformat.writes(build(cells, prefix)) + "\n" for name, (cells, prefix) in NOTEBOOKS.items()}
 
 

@@ -47,7 +47,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
           f"(threshold {m['threshold']:.3f})")
     if evaluation.skipped:
         print(f"skipped {len(evaluation.skipped)} bad image(s)")
-    print(f"results written to {args.out}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

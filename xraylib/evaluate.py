@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,18 +307,23 @@ def evaluate_model(
     device: str = "auto",
     tta: bool = False,
     progress: bool = False,
+    log: Callable[[str], None] = print,
 ) -> Evaluation:
     """Evaluate a model (file, `train --out` location, or loaded) on the `test/` split of a
     dataset root, or on a folder of class folders; write the results to `out` if given. With
     `tta`, each probability is the mean over the views in `config.TTA_VIEWS` (5x the compute);
-    the threshold stays the one chosen at training."""
+    the threshold stays the one chosen at training. Ends with one line to `log`: how many
+    images, how long, and which files went where."""
+    started = time.perf_counter()
     trained = load_model(model) if isinstance(model, str) else model
     index = dataset.list_images(data, split="test")
     loaded = dataset.load_images(index, trained.image_size, equalize_mode=trained.equalize, skip_bad=skip_bad,
                                  progress=progress)
     evaluation = evaluate_loaded(trained, loaded, device=device, tta=tta)
-    if out is not None:
-        write_evaluation(evaluation, out)
+    written = write_evaluation(evaluation, out) if out is not None else {}
+    names = [location.rsplit("/", 1)[-1] for location in written.values()]
+    log(f"evaluated {len(evaluation.labels)} images{f' ({len(config.TTA_VIEWS)} views each)' if tta else ''} in "
+        f"{time.perf_counter() - started:.1f} s" + (f"; wrote {', '.join(names[:-1])} and {names[-1]} to {out}" if names else ""))
     return evaluation
 
 

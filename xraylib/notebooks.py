@@ -181,15 +181,44 @@ def collapse_progress(text: str) -> str:
     return "\n".join(lines)
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def progress_bar_text(state: Mapping[str, Any], model_id: str) -> str | None:
+    """The last state of a notebook progress bar (tqdm's: an HBox of an HTML label, a progress bar
+    and an HTML count) as tqdm prints it in a terminal, from a notebook's saved widget `state`;
+    None when `model_id` is not such a bar."""
+    box = state.get(model_id, {})
+    if box.get("model_name") != "HBoxModel":
+        return None
+    children = [state.get(str(ref).removeprefix("IPY_MODEL_"), {}) for ref in box.get("state", {}).get("children", [])]
+    if [c.get("model_name") for c in children] != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+        return None
+    label, bar, count = (c.get("state", {}) for c in children)
+    share = min(max(float(bar.get("value") or 0) / float(bar.get("max") or 1), 0.0), 1.0)
+    filled = round(10 * share)
+    label_text, count_text = (html.unescape(part.get("value", "")).replace("\u2007", " ") for part in (label, count))
+    return f"{label_text}|{'█' * filled}{' ' * (10 - filled)}|{count_text}"  # tqdm's HTML spaces are figure spaces
+
+
 def tidy_outputs(notebook_json: str) -> str:
     """Merge each cell's consecutive stdout (or stderr) outputs into one and collapse progress
-    bars, as JupyterLab shows them: an executed notebook stays small and readable anywhere."""
+    bars, as JupyterLab shows them: an executed notebook stays small and readable anywhere. A
+    progress bar widget's text fallback, which is what JupyterLab shows once the kernel that drew
+    it is gone, says where the bar ended (its count and time), not where it started (0%)."""
     import nbformat
 
     nb = nbformat.reads(notebook_json, as_version=4)
+    widgets = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
+        for output in cell.outputs:
+            view = output.get("data", {}).get(WIDGET_VIEW)
+            text = progress_bar_text(widgets, view.get("model_id", "")) if isinstance(view, dict) else None
+            if text is not None:
+                output.data["text/plain"] = text
         merged: list[Any] = []
         for output in cell.outputs:
             previous = merged[-1] if merged else None
@@ -284,33 +313,52 @@ def run_notebook(name: str, parameters: Mapping[str, Any] | None = None, output:
 # Tables the notebooks display
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Table:
     """A small table that shows as HTML in a notebook, as Markdown where that is wanted, and as
-    aligned text in a terminal or in a notebook's text/plain output."""
+    aligned text in a terminal or in a notebook's text/plain output. A column of numbers is
+    right-aligned, any other column left-aligned (JupyterLab's style right-aligns every cell, which
+    leaves text ragged)."""
 
     header: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
     title: str = ""
 
+    def numeric(self) -> list[bool]:
+        """For each column, whether every cell of it is a number."""
+        return [bool(self.rows) and all(_is_number(row[i]) for row in self.rows) for i in range(len(self.header))]
+
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows)
+        styles = [' style="text-align: right; font-variant-numeric: tabular-nums"' if n else ' style="text-align: left"'
+                  for n in self.numeric()]
+        head = "".join(f"<th{style}>{html.escape(h)}</th>" for h, style in zip(self.header, styles, strict=True))
+        body = "".join("<tr>" + "".join(f"<td{style}>{html.escape(c)}</td>" for c, style in zip(row, styles, strict=True))
+                       + "</tr>" for row in self.rows)
         caption = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
         return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     def _repr_markdown_(self) -> str:
         lines = [f"**{self.title}**", ""] if self.title else []
         lines.append("| " + " | ".join(self.header) + " |")
-        lines.append("|" + "---|" * len(self.header))
+        lines.append("|" + "".join("---:|" if n else ":---|" for n in self.numeric()))
         lines.extend("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in self.rows)
         return "\n".join(lines)
 
     def __str__(self) -> str:
         widths = [max(len(r[i]) for r in (self.header, *self.rows)) for i in range(len(self.header))]
+        numeric = self.numeric()
         lines = [self.title] if self.title else []
         for row in (self.header, *self.rows):
-            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+            cells = (c.rjust(w) if n else c.ljust(w) for c, w, n in zip(row, widths, numeric, strict=True))
+            lines.append("  ".join(cells).rstrip())
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -358,10 +406,30 @@ def class_counts_table(splits: Mapping[str, Any]) -> Table:
     return Table(("split", *classes, "total"), rows)
 
 
+def common_folder(locations: Sequence[str]) -> str:
+    """The deepest folder (local) or prefix (s3://bucket/...) that holds all of `locations`; "" when
+    they share none (other buckets, or only the file system's root)."""
+    folders = [location.split("/")[:-1] for location in locations]
+    if not folders:
+        return ""
+    common: list[str] = []
+    for parts in zip(*folders, strict=False):
+        if any(part != parts[0] for part in parts):
+            break
+        common.append(parts[0])
+    # At least "s3:", "" and the bucket; "" (the root) and a folder; or one folder of a relative path.
+    least = 3 if locations[0].startswith("s3://") else 2 if locations[0].startswith("/") else 1
+    return "/".join(common) if len(common) >= least else ""
+
+
 def predictions_table(predictions: Sequence[Any]) -> Table:
-    """One row per `evaluate.Prediction`: the image, the class given, the probability of pneumonia."""
-    rows = tuple((p.image, p.label, f"{p.probability:.4f}") for p in predictions)
-    return Table(("image", "predicted", "probability of pneumonia"), rows, f"{len(rows)} image(s)")
+    """One row per `evaluate.Prediction`: the image, the class given, the probability of pneumonia.
+    Images are named from the folder or prefix they all share, which the title gives."""
+    folder = common_folder([p.image for p in predictions])
+    rows = tuple((p.image.removeprefix(folder + "/") if folder else p.image, p.label, f"{p.probability:.4f}")
+                 for p in predictions)
+    return Table(("image", "predicted", "probability of pneumonia"), rows,
+                 f"{len(rows)} image(s)" + (f" in {folder}" if folder else ""))
 
 
 def settings_table(cfg: Any) -> Table:

@@ -79,44 +79,71 @@ def pr_curve_figure(labels: Sequence[int], probabilities: Sequence[float]) -> An
 
 
 def training_curves_figure(history: Sequence[dict[str, Any]]) -> Any:
-    """Training loss and validation loss/ROC AUC/accuracy per epoch."""
+    """Training and validation loss per epoch; validation ROC AUC and accuracy. The accuracy is at
+    the threshold chosen on validation that epoch, the one its model is saved with (at 0.5 for a
+    history written before that was recorded, and labelled so)."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
     fig = _figure(9, 3.5)
     loss_ax, metric_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
     loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
-    loss_ax.set_xlabel("epoch")
-    loss_ax.set_ylabel("loss")
+    loss_ax.set_title("loss")
+    loss_ax.set_ylabel("cross-entropy loss")
     loss_ax.legend()
-    for key in ("val_roc_auc", "val_accuracy"):
-        metric_ax.plot(epochs, [h[key] for h in history], marker="o", label=key.removeprefix("val_"))
-    metric_ax.set_xlabel("epoch")
+    metric_ax.plot(epochs, [h["val_roc_auc"] for h in history], marker="o", label="ROC AUC")
+    at_threshold = all("val_accuracy_at_threshold" in h for h in history)
+    metric_ax.plot(epochs, [h["val_accuracy_at_threshold" if at_threshold else "val_accuracy"] for h in history], marker="o",
+                   label="accuracy at the chosen threshold" if at_threshold else "accuracy at threshold 0.5")
     metric_ax.set_ylim(0, 1.02)
     metric_ax.set_title("validation")
+    metric_ax.set_ylabel("ROC AUC, accuracy")
     metric_ax.legend(loc="lower right")
+    for ax in (loss_ax, metric_ax):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.2, 1.4, ...
     return fig
 
 
+def _fitting_fontsize(titles: Sequence[str], width_in: float, largest: float = 9, smallest: float = 6) -> float:
+    """The largest font size (points) at which every line of `titles` fits `width_in` inches."""
+    from matplotlib.textpath import TextPath
+
+    lines = [line for title in titles for line in title.split("\n") if line]
+    if not lines:
+        return largest
+    widest = max(TextPath((0, 0), line, size=1).get_extents().width for line in lines)  # points per point of size
+    return max(smallest, min(largest, 0.92 * width_in * 72 / widest))
+
+
 def image_grid_figure(pixels: Any, titles: Sequence[str], columns: int = 4) -> Any:
-    """Grayscale images (uint8 [N, H, W]) in a grid, each with its title."""
+    """Grayscale images (uint8 [N, H, W]) in a grid, each with its title, whole: the font shrinks
+    (down to 6 pt) until the longest title line fits its column."""
     n = len(titles)
     rows = max(1, -(-n // columns))
-    fig = _figure(2.4 * columns, 2.6 * rows)
+    width = 2.4
+    fig = _figure(width * columns, 2.6 * rows)
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    fontsize = _fitting_fontsize(titles, width)
     for ax in axes:
         ax.axis("off")
     for ax, image, title in zip(axes, pixels, titles, strict=False):
         ax.imshow(np.asarray(image), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=fontsize)
     return fig
 
 
+def _file_name(location: str) -> str:
+    return location.rsplit("/", 1)[-1]
+
+
 def sample_images_figure(data: Any, per_class: int = 4, seed: int = 0) -> Any:
-    """A few images of each class with their labels (`data`: dataset.LoadedImages)."""
+    """A few images of each class with their labels and file names (`data`: dataset.LoadedImages)."""
     rng = np.random.default_rng(seed)
     labels = data.labels.numpy()
     rows = [int(i) for label in (0, 1) for i in rng.permutation(np.flatnonzero(labels == label))[:per_class]]
-    titles = [f"{data.class_names[labels[i]]}\n{data.records[i].obj.relpath.rsplit('/', 1)[-1][:24]}" for i in rows]
+    titles = [f"{data.class_names[labels[i]]}\n{_file_name(data.records[i].obj.relpath)}" for i in rows]
     return image_grid_figure(data.pixels[rows], titles, columns=per_class)
 
 
@@ -125,7 +152,8 @@ def confident_mistakes_figure(evaluation: Any, n: int = 8) -> Any:
     rows = evaluation.most_confident_mistakes(n)
     names = evaluation.class_names
     titles = [
-        f"true {names[evaluation.labels[i]]}\np({names[1]})={evaluation.probabilities[i]:.2f}" for i in rows
+        f"{_file_name(evaluation.names[i])}\ntrue {names[evaluation.labels[i]]}\np({names[1]})={evaluation.probabilities[i]:.2f}"
+        for i in rows
     ]
     if not rows:
         fig = _figure(4, 1)

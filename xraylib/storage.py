@@ -571,7 +571,7 @@ def parallel_map(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(items), desc=progress, unit="item", leave=False)
+        bar = tqdm(total=len(items), desc=progress, unit="item", leave=True)  # a finished bar stays, with its count and time
 
     def run(x: Any) -> Any:
         result = fn(x)

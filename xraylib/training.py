@@ -76,7 +76,7 @@ def train_one_epoch(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=progress, unit="batch", leave=False)
+        bar = tqdm(total=steps, desc=progress, unit="batch", leave=True)  # a finished bar stays, with its count and time
     with warnings.catch_warnings():
         # The scaler skips the first steps while it finds its scale; the schedule counts them all
         # the same, so PyTorch's warning that the optimizer has not stepped yet is moot.
@@ -346,7 +346,8 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
         best = json.loads(checkpoint["best_json"])
         first_epoch = int(checkpoint["epoch"]) + 1
         log(f"resuming {out} after epoch {first_epoch - 1}")
-    log(f"training ResNet50 ({cfg.weights} weights) on {device.type}"
+    start = {"none": "from scratch", "imagenet": "from ImageNet weights"}.get(cfg.weights, f"from the weights in {cfg.weights}")
+    log(f"training ResNet50 {start} on {device.type}"
         f"{' with ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else ''}"
         f"{' and loss scaling' if scaler is not None else ''}, {cfg.epochs} epochs, "
         f"{cfg.image_size}px, batch {cfg.batch_size}")
@@ -364,10 +365,14 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
                "val_roc_auc": val["chosen"]["roc_auc"], "val_accuracy": val["at_half"]["accuracy"],
                "val_sensitivity": val["at_half"]["sensitivity"], "val_specificity": val["at_half"]["specificity"],
                "lr": scheduler.get_last_lr()[0], "seconds": seconds}
+        # What this epoch's model would be saved with: the threshold chosen on validation, and the
+        # accuracy there (val_accuracy, sensitivity and specificity above are at 0.5, for comparisons).
+        row.update(val_threshold=val["chosen"]["threshold"], val_accuracy_at_threshold=val["chosen"]["accuracy"])
         history.append(row)
         improved = is_better_epoch(row, best)
         log(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
-            f"val ROC AUC {row['val_roc_auc']:.4f}  val accuracy {row['val_accuracy']:.4f}  "
+            f"val ROC AUC {row['val_roc_auc']:.4f}  val accuracy {row['val_accuracy_at_threshold']:.4f} "
+            f"at threshold {row['val_threshold']:.3f}  "
             f"{seconds:.0f}s{'  (best so far)' if improved else ''}")
         if improved:
             best = {"epoch": epoch, "roc_auc": row["val_roc_auc"], "val_loss": row["val_loss"], "metrics": val["chosen"]}
