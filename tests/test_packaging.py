@@ -47,7 +47,8 @@ def test_environment_yml_matches_pyproject():
     env_names = {requirement_name(p) for p in pip if p not in installs_xraylib}
     runtime = {requirement_name(r) for r in pyproject()["project"]["dependencies"]}
     test = {requirement_name(r) for r in pyproject()["project"]["optional-dependencies"]["test"]}
-    assert env_names - runtime - test == set(), "in environment.yml but in neither pyproject.toml's dependencies nor its test extra"
+    assert env_names - runtime - test == set(), \
+        "in environment.yml but in neither pyproject.toml's dependencies nor its test extra"
     assert runtime - env_names == set(), "in pyproject.toml's dependencies but not in environment.yml"
     # `make test-browser` drives Chromium with Playwright, in a conda env (SageMaker) as in .venv.
     assert "playwright" in env_names & test
