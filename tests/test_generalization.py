@@ -14,6 +14,7 @@ from xraylib import config, dataset, shifts, storage, synthetic
 from xraylib.evaluate import (
     choose_threshold,
     compute_metrics,
+    evaluate_loaded,
     evaluate_model,
     fit_temperature,
     predict_images,
@@ -136,9 +137,17 @@ def test_equalization_temperature_and_policy_travel_in_the_model_file_to_evaluat
     storage.upload_directory(root, f"s3://{bucket}/chest_xray")
     out = f"s3://{bucket}/runs/eq"
     cfg = config.make_train_config(data=f"s3://{bucket}/chest_xray", out=out, epochs=2, image_size=32, batch_size=16,
-                                   weights="none", equalize="histogram", threshold_policy="balanced")
+                                   weights="none", equalize="histogram", threshold_policy="balanced", precision="bf16")
     result = train(cfg, log=lambda line: None, progress=False)
     model = load_model(out)
+    # The threshold meets probabilities computed as validation computed them: in bf16 here, by default,
+    # reproducing validation's decisions image for image; fp32 when asked, and metrics.json says which.
+    assert model.validation_precision == "bf16"
+    again = evaluate_loaded(model, result.data.val)
+    assert again.metrics["precision"] == again.metrics["validation_precision"] == "bf16"
+    assert again.metrics["confusion_matrix"]["matrix"] == result.val_metrics["confusion_matrix"]["matrix"]
+    assert again.metrics["threshold"] == result.val_metrics["threshold"]
+    assert evaluate_loaded(model, result.data.val, precision="fp32").metrics["precision"] == "fp32"
     assert model.equalize == "histogram"
     assert model.metadata["threshold_policy"] == "balanced"
     assert model.temperature > 0 and model.temperature != 1.0

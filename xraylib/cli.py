@@ -40,11 +40,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from xraylib.evaluate import evaluate_model
 
     evaluation = evaluate_model(args.model, args.data, args.out, skip_bad=args.skip_bad, device=args.device,
-                                tta=args.tta, progress=sys.stderr.isatty())
+                                precision=args.precision, tta=args.tta, progress=sys.stderr.isatty())
     m = evaluation.metrics
     print(f"{m['n_images']} images: accuracy {m['accuracy']:.4f}, sensitivity {m['sensitivity']:.4f}, "
           f"specificity {m['specificity']:.4f}, ROC AUC {m['roc_auc']:.4f}, PR AUC {m['pr_auc']:.4f} "
-          f"(threshold {m['threshold']:.3f})")
+          f"(threshold {m['threshold']:.3f}, computed in {m['precision']})")
     if evaluation.skipped:
         print(f"skipped {len(evaluation.skipped)} bad image(s)")
 
@@ -53,7 +53,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from xraylib.evaluate import predict_images
 
     # Predictions alone on stdout, one line each, for pipes; notes about skipped files on stderr.
-    for prediction in predict_images(args.model, args.images, skip_bad=args.skip_bad,
+    for prediction in predict_images(args.model, args.images, skip_bad=args.skip_bad, precision=args.precision,
                                      log=lambda line: print(line, file=sys.stderr)):
         print(prediction)
 
@@ -69,6 +69,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from xraylib.demo import run_demo
 
     run_demo(args.out, images_per_class=args.images_per_class, epochs=args.epochs)
+
+
+SCORING_PRECISION_HELP = ("auto: the precision the model's validation ran in, where its threshold was chosen "
+                          "(fp32 for a faster run on a CPU that only emulates bf16; metrics.json records which)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -124,12 +128,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--tta", action="store_true", help="average over slightly rotated and zoomed views (5x slower)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and report) images that cannot be decoded")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help=SCORING_PRECISION_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify images: one line each, path, label, probability")
     p.add_argument("--model", required=True, help="a model file, or a train --out location")
     p.add_argument("images", nargs="+", help="image files, or folders or s3:// prefixes of them")
     p.add_argument("--skip-bad", action="store_true", help="skip (and report, on stderr) images that cannot be decoded")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help=SCORING_PRECISION_HELP)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("run", help="execute the train or test notebook headless (papermill)")

@@ -23,7 +23,15 @@ import numpy as np
 
 from xraylib import config, dataset, storage
 from xraylib.errors import DatasetError
-from xraylib.model import TrainedModel, autocast, autocast_dtype, inference_network, load_model, resolve_device
+from xraylib.model import (
+    TrainedModel,
+    autocast,
+    inference_dtype,
+    inference_network,
+    load_model,
+    precision_name,
+    resolve_device,
+)
 
 
 def predict_logits(
@@ -256,13 +264,17 @@ class Evaluation:
 def evaluate_loaded(
     model: TrainedModel, data: dataset.LoadedImages, *, device: str = "auto", precision: str = "auto", tta: bool = False
 ) -> Evaluation:
+    """Score decoded images with `model` in `precision` (see `model.inference_dtype`) and compute
+    the metrics at the model's threshold; they record the precision used and the validation's."""
     torch_device = resolve_device(device)
     network = inference_network(model.network.to(torch_device))
+    amp_dtype = inference_dtype(model, torch_device, precision)
     probs = predict_probabilities(network, data.pixels, mean=model.mean, std=model.std, device=torch_device,
-                                  amp_dtype=autocast_dtype(torch_device, precision), tta=tta,
-                                  temperature=model.temperature)
+                                  amp_dtype=amp_dtype, tta=tta, temperature=model.temperature)
     labels = data.labels.numpy()
     metrics = compute_metrics(labels, probs, model.threshold, class_names=data.class_names)
+    metrics["precision"] = precision_name(amp_dtype)
+    metrics["validation_precision"] = model.validation_precision
     metrics["tta_views"] = len(config.TTA_VIEWS) if tta else 1
     metrics["class_names"] = list(data.class_names)
     metrics["skipped_images"] = len(data.skipped)
@@ -305,6 +317,7 @@ def evaluate_model(
     *,
     skip_bad: bool = False,
     device: str = "auto",
+    precision: str = "auto",
     tta: bool = False,
     progress: bool = False,
     log: Callable[[str], None] = print,
@@ -312,14 +325,15 @@ def evaluate_model(
     """Evaluate a model (file, `train --out` location, or loaded) on the `test/` split of a
     dataset root, or on a folder of class folders; write the results to `out` if given. With
     `tta`, each probability is the mean over the views in `config.TTA_VIEWS` (5x the compute);
-    the threshold stays the one chosen at training. Ends with one line to `log`: how many
+    the threshold stays the one chosen at training. `precision` 'auto' scores in the precision
+    training validated in (`model.inference_dtype`). Ends with one line to `log`: how many
     images, how long, and which files went where."""
     started = time.perf_counter()
     trained = load_model(model) if isinstance(model, str) else model
     index = dataset.list_images(data, split="test")
     loaded = dataset.load_images(index, trained.image_size, equalize_mode=trained.equalize, skip_bad=skip_bad,
                                  progress=progress)
-    evaluation = evaluate_loaded(trained, loaded, device=device, tta=tta)
+    evaluation = evaluate_loaded(trained, loaded, device=device, precision=precision, tta=tta)
     written = write_evaluation(evaluation, out) if out is not None else {}
     names = [location.rsplit("/", 1)[-1] for location in written.values()]
     log(f"evaluated {len(evaluation.labels)} images{f' ({len(config.TTA_VIEWS)} views each)' if tta else ''} in "
@@ -338,11 +352,11 @@ class Prediction:
 
 
 def predict_images(model: str | TrainedModel, images: str | Path | Sequence[str | Path], *, skip_bad: bool = False,
-                   log: Callable[[str], None] = print) -> list[Prediction]:
+                   precision: str = "auto", log: Callable[[str], None] = print) -> list[Prediction]:
     """Classify images, local or S3: `images` is one location or several, each an image file, or a
     folder or prefix that stands for every image below it. Probability is of the positive class. A
     bad image raises ImageDecodeError naming it, unless `skip_bad`, which leaves it out and reports
-    it via `log`."""
+    it via `log`. `precision` as in `evaluate_model`."""
     import torch
 
     locations = [images] if isinstance(images, str | Path) else images  # one string is one location, not its letters
@@ -362,6 +376,8 @@ def predict_images(model: str | TrainedModel, images: str | Path | Sequence[str 
     pixels = torch.from_numpy(np.stack([r for _, r in kept]))
     # Folding the batch norms costs a fraction of a second: worth it for a batch, not for one image.
     network = inference_network(trained.network) if len(kept) >= 16 else trained.network
-    probs = predict_probabilities(network, pixels, mean=trained.mean, std=trained.std, temperature=trained.temperature)
+    device = next(trained.network.parameters()).device
+    probs = predict_probabilities(network, pixels, mean=trained.mean, std=trained.std, temperature=trained.temperature,
+                                  amp_dtype=inference_dtype(trained, device, precision))
     return [Prediction(name, trained.class_names[int(p >= trained.threshold)], float(p))
             for (name, _), p in zip(kept, probs.tolist(), strict=True)]

@@ -144,6 +144,23 @@ def autocast_dtype(device: Any, precision: str) -> Any:
     return torch.bfloat16 if native else None
 
 
+def precision_name(dtype: Any) -> str:
+    """'bf16', 'fp16' or 'fp32' for an autocast dtype (None is fp32)."""
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def inference_dtype(model: TrainedModel, device: Any, precision: str = "auto") -> Any:
+    """The autocast dtype to score `model` in. 'auto' is the precision its validation ran in, so
+    that the threshold chosen there meets probabilities computed the same way (a model validated in
+    fp32 and scored in bf16 can flip images near the threshold); for older model files, the
+    device's own 'auto'. Anything else is taken as asked."""
+    if precision == "auto" and model.validation_precision is not None:
+        precision = model.validation_precision
+    return autocast_dtype(device, precision)
+
+
 @contextmanager
 def autocast(device: Any, dtype: Any) -> Iterator[None]:
     import torch
@@ -198,6 +215,11 @@ class TrainedModel:
     def equalize(self) -> str:
         """The contrast normalization the model was trained with ('none' for older model files)."""
         return str(self.metadata["preprocessing"].get("equalize", "none"))
+
+    @property
+    def validation_precision(self) -> str | None:
+        """The precision training validated in, where the threshold was chosen (None: not recorded)."""
+        return self.metadata.get("validation_precision")
 
     @property
     def temperature(self) -> float:

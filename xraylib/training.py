@@ -39,6 +39,7 @@ from xraylib.model import (
     inference_network,
     model_metadata,
     model_to_bytes,
+    precision_name,
     resolve_device,
 )
 
@@ -379,6 +380,7 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
             metadata = model_metadata(class_names=data.index.class_names, image_size=cfg.image_size,
                                       equalize=cfg.equalize, threshold=val["chosen"]["threshold"],
                                       threshold_policy=cfg.threshold_policy, temperature=val["temperature"],
+                                      validation_precision=precision_name(amp_dtype),
                                       train_config=cfg.to_dict(),
                                       best_epoch=epoch, val_metrics=val["chosen"],
                                       **({"sizing": sizing.to_dict()} if sizing is not None else {}),
