@@ -469,7 +469,6 @@ def affine_batch(pixels: Any, *, angle: Any, scale: Any, shift_x: Any, shift_y: 
     """Rotate (degrees), zoom and shift (fractions of the side) each image; numbers or one per image.
     uint8 [B, H, W] in, float [B, 1, H, W] in 0..1 out; what comes into view beyond the edges is the
     edge extended ('border') or black ('zeros', as around a film)."""
-
     import torch
     import torch.nn.functional as F
 
