@@ -76,6 +76,8 @@ RECIPES: dict[str, tuple[list[str], str]] = {
                           "clean held-out accuracy 0.97, ROC AUC 0.996 (the README's figure); the shift pattern of "
                           "quick-baseline, milder: specificity under blur below 0.8"),
 }
+# Written when "balanced" named the point where sensitivity equals specificity (now "equal-error") and
+# "half" the fixed 0.5 (now "balanced").
 POLICY_PREDICTION = ("balanced: mean shifted specificity at least 0.05 above youden's at a cost of at most 0.02 mean "
                      "sensitivity, and the best mean shifted accuracy; half close to balanced (the loss weighs the "
                      "classes equally); youden on shifted validation between youden and balanced")

@@ -72,26 +72,26 @@ def test_threshold_policies_do_what_their_names_say():
     labels = np.array([0] * 300 + [1] * 900)
     probs = probabilities_from_logits(np.concatenate([rng.normal(-2, 1.5, 300), rng.normal(2, 1.5, 900)]))
 
-    balanced = compute_metrics(labels, probs, choose_threshold(labels, probs, "balanced"))
+    balanced = compute_metrics(labels, probs, choose_threshold(labels, probs, "equal-error"))
     assert abs(balanced["sensitivity"] - balanced["specificity"]) < 0.01
     high_sensitivity = compute_metrics(labels, probs, choose_threshold(labels, probs, "sensitivity-0.95"))
     assert 0.95 <= high_sensitivity["sensitivity"] < 0.955
     youden = choose_threshold(labels, probs, "youden")
     m = compute_metrics(labels, probs, youden)
     assert m["sensitivity"] + m["specificity"] >= balanced["sensitivity"] + balanced["specificity"]
-    assert choose_threshold(labels, probs, "half") == 0.5
-    assert set(config.THRESHOLD_POLICIES) == {"balanced", "youden", "half", "sensitivity-0.95"}
+    assert choose_threshold(labels, probs, "balanced") == 0.5  # not fitted: the loss weighs the classes equally
+    assert set(config.THRESHOLD_POLICIES) == {"balanced", "equal-error", "youden", "sensitivity-0.95"}
     with pytest.raises(ValueError, match="balanced"):
         choose_threshold(labels, probs, "f1")
 
 
-def test_on_a_split_with_a_wide_gap_youden_sits_at_its_edge_and_balanced_inside_the_overlap():
+def test_on_a_split_with_a_wide_gap_youden_sits_at_its_edge_and_equal_error_inside_the_overlap():
     # An easy validation split: one normal scored high, the rest far apart. Youden's J is the same
-    # all along the gap and takes its top; the balanced point stays where the classes meet.
+    # all along the gap and takes its top; the equal-error point stays where the classes meet.
     labels = [0] * 9 + [1] * 9
     probs = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.6, 0.55, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97]
     assert 0.6 < choose_threshold(labels, probs, "youden") < 0.9
-    assert 0.55 < choose_threshold(labels, probs, "balanced") < 0.6
+    assert 0.55 < choose_threshold(labels, probs, "equal-error") < 0.6
 
 
 def _png_bytes(gray: np.ndarray) -> bytes:
@@ -137,7 +137,7 @@ def test_equalization_temperature_and_policy_travel_in_the_model_file_to_evaluat
     storage.upload_directory(root, f"s3://{bucket}/chest_xray")
     out = f"s3://{bucket}/runs/eq"
     cfg = config.make_train_config(data=f"s3://{bucket}/chest_xray", out=out, epochs=2, image_size=32, batch_size=16,
-                                   weights="none", equalize="histogram", threshold_policy="balanced", precision="bf16")
+                                   weights="none", equalize="histogram", threshold_policy="equal-error", precision="bf16")
     result = train(cfg, log=lambda line: None, progress=False)
     model = load_model(out)
     # The threshold meets probabilities computed as validation computed them: in bf16 here, by default,
@@ -149,7 +149,7 @@ def test_equalization_temperature_and_policy_travel_in_the_model_file_to_evaluat
     assert again.metrics["threshold"] == result.val_metrics["threshold"]
     assert evaluate_loaded(model, result.data.val, precision="fp32").metrics["precision"] == "fp32"
     assert model.equalize == "histogram"
-    assert model.metadata["threshold_policy"] == "balanced"
+    assert model.metadata["threshold_policy"] == "equal-error"
     assert model.temperature > 0 and model.temperature != 1.0
     assert model.threshold == pytest.approx(result.val_metrics["threshold"])
 

@@ -59,7 +59,7 @@ AUGMENT_LEVELS = ("none", "geometry", "acquisition")
 # Contrast normalization applied to every decoded image (dataset.equalize) and recorded in the model.
 EQUALIZE_MODES = ("none", "histogram")
 # How the decision threshold is chosen on validation (evaluate.choose_threshold says what each does).
-THRESHOLD_POLICIES = ("balanced", "youden", "half", "sensitivity-0.95")
+THRESHOLD_POLICIES = ("balanced", "equal-error", "youden", "sensitivity-0.95")
 
 
 # --time-budget (budget.py) walks up this ladder of (image size, epochs) to the largest rung whose
@@ -110,7 +110,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     augment: str = "acquisition"
     equalize: str = "none"
-    threshold_policy: str = "youden"
+    threshold_policy: str = "balanced"
     label_smoothing: float = 0.0
     ema_decay: float = 0.0
     time_budget: str | None = None

@@ -202,28 +202,29 @@ def choose_threshold(labels: Sequence[int], probabilities: Sequence[float], poli
     """The decision threshold a `policy` picks on these (validation) images; 0.5 when they hold
     only one class.
 
-    - 'balanced': where sensitivity equals specificity; the threshold sits inside the overlap of
-      the two classes' scores, not at the edge of a gap that an easy split leaves wide open.
+    - 'balanced': 0.5, the calibrated model's balanced point: training weighs both classes equally
+      and calibration only rescales the log-odds, so 0.5 is where either error costs the same. It is
+      not fitted to the validation images at all, so an easy split cannot push it to the edge of
+      its gap.
+    - 'equal-error': where sensitivity equals specificity on these images.
     - 'youden': the highest sensitivity + specificity (Youden's J). On a split the model separates
       almost perfectly, every threshold in the gap ties and this lands at its edge.
-    - 'half': 0.5, no tuning: the training loss weighs both classes equally, so 0.5 is its
-      balanced decision.
     - 'sensitivity-0.95': the highest threshold that still finds 95% of the positives.
 
-    A chosen threshold lies halfway between two of the images' probabilities, so that no image sits
+    A fitted threshold lies halfway between two of the images' probabilities, so that no image sits
     exactly on it, where rounding (batch norms folded for evaluation) could flip it."""
     y = np.asarray(labels, dtype=int)
     p = np.asarray(probabilities, dtype=float)
     if policy not in THRESHOLD_POLICIES:
         raise ValueError(f"unknown threshold policy {policy!r}: choose one of {', '.join(THRESHOLD_POLICIES)}")
-    if policy == "half" or len(set(y.tolist())) < 2:
+    if policy == "balanced" or len(set(y.tolist())) < 2:
         return 0.5
     from sklearn.metrics import roc_curve
 
     fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
     if policy == "youden":
         best = int(np.argmax(tpr - fpr))
-    elif policy == "balanced":
+    elif policy == "equal-error":
         best = int(np.argmin(np.abs(tpr - (1 - fpr))))
     else:
         best = int(np.flatnonzero(tpr >= float(policy.split("-")[1]))[0])
