@@ -275,7 +275,8 @@ def evaluate_loaded(
     labels = data.labels.numpy()
     metrics = compute_metrics(labels, probs, model.threshold, class_names=data.class_names)
     metrics["precision"] = precision_name(amp_dtype)
-    metrics["validation_precision"] = model.validation_precision
+    if model.validation_precision is not None:  # model files from before it was recorded say nothing
+        metrics["validation_precision"] = model.validation_precision
     metrics["tta_views"] = len(config.TTA_VIEWS) if tta else 1
     metrics["class_names"] = list(data.class_names)
     metrics["skipped_images"] = len(data.skipped)
