@@ -109,7 +109,7 @@ class TrainConfig:
     precision: str = "auto"
     val_fraction: float = 0.15
     augment: str = "acquisition"
-    equalize: str = "none"
+    equalize: str = "histogram"
     threshold_policy: str = "balanced"
     label_smoothing: float = 0.0
     ema_decay: float = 0.0
