@@ -271,15 +271,19 @@ def set_up_training(network: Any, *, device: Any, precision: str, lr: float, wei
 
 def size_training_run(cfg: TrainConfig, *, n_images: int, device: Any, elapsed_s: float) -> budget.Sizing:
     """The image size and epochs that fill `cfg.time_budget` on this machine, timed with the
-    network, optimizer and precision this run will train with."""
+    network and optimizer this run will train with. With `--precision auto` on a CPU that claims
+    native bf16, bf16 and fp32 are both timed and the faster trains (`Sizing.precision`)."""
     amp_dtype = autocast_dtype(device, cfg.precision)
+    candidates = {precision_name(amp_dtype): amp_dtype}
+    if cfg.precision == "auto" and device.type == "cpu" and amp_dtype is not None:
+        candidates["fp32"] = None
 
     def make_optimizer(network: Any) -> Any:
-        return set_up_training(network, device=device, precision=cfg.precision, lr=cfg.lr, weight_decay=cfg.weight_decay)[0]
+        return set_up_training(network, device=device, precision="fp32", lr=cfg.lr, weight_decay=cfg.weight_decay)[0]
 
     n_val = round(n_images * cfg.val_fraction)
     return budget.size_for_budget(config.parse_duration(cfg.time_budget), n_train=n_images - n_val, n_val=n_val,
-                                  batch_size=cfg.batch_size, device=device, amp_dtype=amp_dtype,
+                                  batch_size=cfg.batch_size, device=device, precisions=candidates,
                                   build_network=lambda: build_resnet50("none"), make_optimizer=make_optimizer,
                                   elapsed_s=elapsed_s)
 
@@ -298,8 +302,10 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
         log(f"no checkpoint in {out}: starting from the first epoch")
     if checkpoint is not None:
         saved = json.loads(checkpoint["config_json"])
-        if cfg.time_budget is not None:  # keep the size measured when the run began
-            cfg = dataclasses.replace(cfg, image_size=saved["image_size"], epochs=saved["epochs"])
+        if cfg.time_budget is not None:  # keep the size (and precision) measured when the run began
+            cfg = dataclasses.replace(cfg, image_size=saved["image_size"], epochs=saved["epochs"],
+                                      precision=saved.get("precision", cfg.precision) if cfg.precision == "auto"
+                                      else cfg.precision)
         check_resume_config(saved, cfg, out)
     history: list[dict[str, Any]] = json.loads(checkpoint["history_json"]) if checkpoint is not None else []
     # Written first, so that an --out that cannot be written to fails before any decoding or training.
@@ -310,7 +316,8 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
     sizing = None
     if cfg.time_budget is not None and checkpoint is None:
         sizing = size_training_run(cfg, n_images=len(index), device=device, elapsed_s=time.perf_counter() - run_started)
-        cfg = dataclasses.replace(cfg, image_size=sizing.image_size, epochs=sizing.epochs)
+        cfg = dataclasses.replace(cfg, image_size=sizing.image_size, epochs=sizing.epochs,
+                                  precision=sizing.precision or cfg.precision)
         log(sizing.describe())
 
     torch.manual_seed(cfg.seed)
