@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.jupyterlab import jupyter_lab
+from xraylib.notebooks import _is_number
 from xraylib import locals3, storage
 from xraylib.notebooks import NOTEBOOKS
 
@@ -227,14 +228,6 @@ def assert_text_left_numbers_right(table: dict) -> None:
     for column, align in enumerate(table["align"]):
         numeric = all(_is_number(row[column]) for row in table["cells"])
         assert align == ("right" if numeric else "left"), (table["header"][column], align)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def test_train_notebook_in_jupyterlab(train_seen):
