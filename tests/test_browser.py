@@ -27,9 +27,8 @@ from types import SimpleNamespace
 import pytest
 
 from tests.jupyterlab import jupyter_lab
-from xraylib.notebooks import _is_number
 from xraylib import locals3, storage
-from xraylib.notebooks import NOTEBOOKS
+from xraylib.notebooks import NOTEBOOKS, _is_number
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 
