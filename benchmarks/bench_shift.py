@@ -100,7 +100,7 @@ def score_under_shifts(model_dir: str, locations: list[str], *, seed: int = 0) -
     for name in ("clean", *shifts.SHIFTS):
         pixels = shifts.load_shifted(locations, name, model.image_size, equalize_mode=model.equalize, seed=seed)
         out[name] = predict_probabilities(network, pixels, mean=model.mean, std=model.std, device=device, amp_dtype=amp,
-                                          temperature=model.temperature)
+                                          temperature=model.temperature, bias=model.calibration_bias)
     return out
 
 

@@ -16,7 +16,7 @@ from xraylib.evaluate import (
     compute_metrics,
     evaluate_loaded,
     evaluate_model,
-    fit_temperature,
+    fit_calibration,
     predict_images,
     probabilities_from_logits,
 )
@@ -49,22 +49,41 @@ def test_histogram_equalization_undoes_exposure_gamma_and_contrast_changes():
         dataset.equalize(image, "clahe")
 
 
-def test_temperature_scaling_recovers_a_known_overconfidence_and_keeps_the_ranking():
+def test_calibration_recovers_a_known_overconfidence_and_offset_and_keeps_the_ranking():
     rng = np.random.default_rng(0)
     true_logits = rng.normal(0, 2.5, 20_000)
     labels = (rng.random(true_logits.size) < probabilities_from_logits(true_logits)).astype(int)
-    overconfident = true_logits * 4  # a network that is 4x too sure of itself
-    temperature = fit_temperature(labels, overconfident)
+    # A network 4x too sure of itself whose log-odds also sit 3 too high (a short run's off-centre output).
+    network_logits = true_logits * 4 + 3
+    temperature, bias = fit_calibration(labels, network_logits)
     assert temperature == pytest.approx(4.0, rel=0.08)
+    assert 3 / temperature + bias == pytest.approx(0.0, abs=0.1)  # the offset taken back out
 
     def log_loss(p: np.ndarray) -> float:
         p = np.clip(p, 1e-12, 1 - 1e-12)
         return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
 
-    raw, calibrated = probabilities_from_logits(overconfident), probabilities_from_logits(overconfident, temperature)
+    raw, calibrated = probabilities_from_logits(network_logits), probabilities_from_logits(network_logits, temperature, bias)
     assert log_loss(calibrated) < log_loss(raw) - 0.1
-    assert np.array_equal(np.argsort(overconfident, kind="stable"), np.argsort(calibrated, kind="stable"))
-    assert fit_temperature([1, 1], [3.0, 5.0]) == 1.0
+    assert np.array_equal(np.argsort(network_logits, kind="stable"), np.argsort(calibrated, kind="stable"))
+    # 0.5 on the calibrated scale is the balanced point: about as many of each class on the wrong side.
+    m = compute_metrics(labels, calibrated, 0.5)
+    assert abs(m["sensitivity"] - m["specificity"]) < 0.03
+    assert fit_calibration([1, 1], [3.0, 5.0]) == (1.0, 0.0)
+
+
+def test_the_balanced_point_is_the_same_whatever_the_class_shares_of_the_validation_split():
+    # Training weighs the classes equally; the calibration does too, so three pneumonias to one
+    # normal (the training folder's shares) moves the balanced point no more than equal shares.
+    rng = np.random.default_rng(3)
+
+    def split(n_normal: int, n_pneumonia: int) -> tuple[np.ndarray, np.ndarray]:
+        logits = np.concatenate([rng.normal(-2, 1.5, n_normal), rng.normal(2, 1.5, n_pneumonia)])
+        return np.array([0] * n_normal + [1] * n_pneumonia), logits
+
+    even = fit_calibration(*split(3000, 3000))
+    skewed = fit_calibration(*split(1000, 3000))
+    assert -even[1] * even[0] == pytest.approx(-skewed[1] * skewed[0], abs=0.15)  # the logit where P = 0.5
 
 
 def test_threshold_policies_do_what_their_names_say():

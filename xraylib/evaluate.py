@@ -71,42 +71,37 @@ def predict_logits(
     return torch.cat(out).double().numpy() if out else np.zeros(0, dtype=np.float64)
 
 
-def probabilities_from_logits(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """P(positive class) from log-odds, divided by `temperature` first (calibration)."""
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+def probabilities_from_logits(logits: np.ndarray, temperature: float = 1.0, bias: float = 0.0) -> np.ndarray:
+    """P(positive class) from log-odds, calibrated: sigmoid(logit / temperature + bias)."""
+    return 1.0 / (1.0 + np.exp(-(np.asarray(logits, dtype=np.float64) / temperature + bias)))
 
 
-def predict_probabilities(network: Any, pixels: Any, *, temperature: float = 1.0, **kwargs: Any) -> np.ndarray:
-    """P(positive class) for each image: `predict_logits` (which takes the other arguments) scaled
-    by the model's calibration `temperature`."""
-    return probabilities_from_logits(predict_logits(network, pixels, **kwargs), temperature)
+def predict_probabilities(network: Any, pixels: Any, *, temperature: float = 1.0, bias: float = 0.0,
+                          **kwargs: Any) -> np.ndarray:
+    """P(positive class) for each image: `predict_logits` (which takes the other arguments)
+    calibrated with the model's `temperature` and `bias` (`fit_calibration`)."""
+    return probabilities_from_logits(predict_logits(network, pixels, **kwargs), temperature, bias)
 
 
-def fit_temperature(labels: Sequence[int], logits: Sequence[float]) -> float:
-    """Temperature scaling (Guo et al. 2017): the T > 0 whose probabilities sigmoid(logit / T) have
-    the lowest log loss on these images. It changes no ranking and no decision at a threshold moved
-    with it; it makes the probabilities honest. 1.0 when the images hold one class."""
-    y = np.asarray(labels, dtype=float)
-    z = np.asarray(logits, dtype=float)
+def fit_calibration(labels: Sequence[int], logits: Sequence[float]) -> tuple[float, float]:
+    """(temperature, bias) of the calibration sigmoid(logit / temperature + bias) with the lowest log
+    loss on these images, the two classes weighed equally, as training weighs them (Platt scaling
+    with balanced class weights). Its 0.5 is then the balanced point: where an image is as likely
+    either class, whatever their shares on this split. It is fitted to every score, not to the
+    edge of the gap an easy split leaves between the classes; a network that ranks well but whose
+    log-odds sit off centre (a short run) gets its centre back. (1.0, 0.0) when the images hold
+    one class, or rank the classes backwards."""
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(labels, dtype=int)
+    z = np.asarray(logits, dtype=float).reshape(-1, 1)
     if len(set(y.tolist())) < 2:
-        return 1.0
-
-    def nll(log_t: float) -> float:
-        s = z / np.exp(log_t)
-        return float(np.mean(np.logaddexp(0.0, s) - y * s))  # -log sigmoid for positives, -log(1-sigmoid) else
-
-    # Golden-section search on log T over [1/20, 20]: the loss is smooth and has one minimum there.
-    lo, hi = np.log(0.05), np.log(20.0)
-    ratio = (np.sqrt(5) - 1) / 2
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    for _ in range(60):
-        if nll(a) < nll(b):
-            hi, b = b, a
-            a = hi - ratio * (hi - lo)
-        else:
-            lo, a = a, b
-            b = lo + ratio * (hi - lo)
-    return float(np.exp((lo + hi) / 2))
+        return 1.0, 0.0
+    fit = LogisticRegression(C=1e6, class_weight="balanced", max_iter=1000).fit(z, y)
+    slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    if slope <= 0:
+        return 1.0, 0.0
+    return 1.0 / slope, intercept
 
 
 def eval_batch_size(device: Any, pixels_per_image: int) -> int:
@@ -202,10 +197,9 @@ def choose_threshold(labels: Sequence[int], probabilities: Sequence[float], poli
     """The decision threshold a `policy` picks on these (validation) images; 0.5 when they hold
     only one class.
 
-    - 'balanced': 0.5, the calibrated model's balanced point: training weighs both classes equally
-      and calibration only rescales the log-odds, so 0.5 is where either error costs the same. It is
-      not fitted to the validation images at all, so an easy split cannot push it to the edge of
-      its gap.
+    - 'balanced': 0.5 on probabilities calibrated with the classes weighed equally
+      (`fit_calibration`): the balanced point, where either error costs the same. It comes from a
+      fit to every validation score, so an easy split cannot push it to the edge of its gap.
     - 'equal-error': where sensitivity equals specificity on these images.
     - 'youden': the highest sensitivity + specificity (Youden's J). On a split the model separates
       almost perfectly, every threshold in the gap ties and this lands at its edge.
@@ -271,7 +265,8 @@ def evaluate_loaded(
     network = inference_network(model.network.to(torch_device))
     amp_dtype = inference_dtype(model, torch_device, precision)
     probs = predict_probabilities(network, data.pixels, mean=model.mean, std=model.std, device=torch_device,
-                                  amp_dtype=amp_dtype, tta=tta, temperature=model.temperature)
+                                  amp_dtype=amp_dtype, tta=tta, temperature=model.temperature,
+                                  bias=model.calibration_bias)
     labels = data.labels.numpy()
     metrics = compute_metrics(labels, probs, model.threshold, class_names=data.class_names)
     metrics["precision"] = precision_name(amp_dtype)
@@ -380,6 +375,7 @@ def predict_images(model: str | TrainedModel, images: str | Path | Sequence[str 
     network = inference_network(trained.network) if len(kept) >= 16 else trained.network
     device = next(trained.network.parameters()).device
     probs = predict_probabilities(network, pixels, mean=trained.mean, std=trained.std, temperature=trained.temperature,
+                                  bias=trained.calibration_bias,
                                   amp_dtype=inference_dtype(trained, device, precision))
     return [Prediction(name, trained.class_names[int(p >= trained.threshold)], float(p))
             for (name, _), p in zip(kept, probs.tolist(), strict=True)]

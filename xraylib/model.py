@@ -5,7 +5,7 @@ head, starting from ImageNet weights (for users who are online), from a weights 
 S3), or from nothing.
 
 A model file holds the weights and all that is needed to use them: class names, preprocessing
-(size, contrast normalization), calibration temperature, decision threshold and the policy that
+(size, contrast normalization), calibration (temperature and bias), decision threshold and the policy that
 chose it, training parameters, validation metrics, library versions. It is a
 `torch.save` archive of tensors plus one JSON string, read back with `weights_only=True`, so
 loading a file from a shared bucket can never run code. `load_model` takes a model file or the
@@ -225,6 +225,11 @@ class TrainedModel:
     def temperature(self) -> float:
         """The calibration temperature fitted on validation (1.0, none, for older model files)."""
         return float(self.metadata.get("temperature", 1.0))
+
+    @property
+    def calibration_bias(self) -> float:
+        """The calibration's shift of the log-odds, fitted with the temperature (0.0 for older files)."""
+        return float(self.metadata.get("calibration_bias", 0.0))
 
 
 def model_metadata(

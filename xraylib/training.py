@@ -31,7 +31,7 @@ from typing import Any
 from xraylib import budget, config, dataset, storage
 from xraylib.config import TrainConfig
 from xraylib.errors import ConfigError, ModelFileError
-from xraylib.evaluate import choose_threshold, compute_metrics, fit_temperature, predict_logits, probabilities_from_logits
+from xraylib.evaluate import choose_threshold, compute_metrics, fit_calibration, predict_logits, probabilities_from_logits
 from xraylib.model import (
     autocast,
     autocast_dtype,
@@ -118,7 +118,7 @@ def train_one_epoch(
 
 def validate(network: Any, loss_fn: Any, data: dataset.LoadedImages, *, device: Any, amp_dtype: Any,
              threshold_policy: str) -> dict[str, Any]:
-    """Validation loss, the calibration temperature fitted here, and metrics at threshold 0.5 and
+    """Validation loss, the calibration (temperature and bias) fitted here, and metrics at threshold 0.5 and
     at the threshold `threshold_policy` picks on these images (on calibrated probabilities).
 
     Scored with the batch norms folded, as `evaluate` and `predict` score: faster, and the
@@ -130,10 +130,11 @@ def validate(network: Any, loss_fn: Any, data: dataset.LoadedImages, *, device: 
     labels = data.labels.numpy()
     margins = torch.from_numpy(logits).float()
     val_loss = float(loss_fn(torch.stack([torch.zeros_like(margins), margins], dim=1).to(device), data.labels.to(device)))
-    temperature = fit_temperature(labels, logits)
-    probs = probabilities_from_logits(logits, temperature)
+    temperature, bias = fit_calibration(labels, logits)
+    probs = probabilities_from_logits(logits, temperature, bias)
     threshold = choose_threshold(labels, probs, threshold_policy)
-    return {"loss": val_loss, "temperature": temperature, "at_half": compute_metrics(labels, probs, 0.5, data.class_names),
+    return {"loss": val_loss, "temperature": temperature, "bias": bias,
+            "at_half": compute_metrics(labels, probs, 0.5, data.class_names),
             "chosen": compute_metrics(labels, probs, threshold, data.class_names)}
 
 
@@ -387,6 +388,7 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
             metadata = model_metadata(class_names=data.index.class_names, image_size=cfg.image_size,
                                       equalize=cfg.equalize, threshold=val["chosen"]["threshold"],
                                       threshold_policy=cfg.threshold_policy, temperature=val["temperature"],
+                                      calibration_bias=val["bias"],
                                       validation_precision=precision_name(amp_dtype),
                                       train_config=cfg.to_dict(),
                                       best_epoch=epoch, val_metrics=val["chosen"],
