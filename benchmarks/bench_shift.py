@@ -12,7 +12,7 @@ carries the prediction written down before it was first run.
 
 For each model it prints: the metrics at the model's own threshold on the clean held-out images,
 under each shift, and their mean and worst; then every threshold policy of
-`xraylib.evaluate.THRESHOLD_POLICIES`, each chosen on the model's clean validation split (and
+`xraylib.config.THRESHOLD_POLICIES`, each chosen on the model's clean validation split (and
 `youden on shifted validation`, chosen on the validation split under the suite), scored clean,
 mean and worst over the suite. Held-out patients of the same cohort overstate what a new cohort
 gets: the shifted rows are the ones to read.
@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -35,8 +36,9 @@ import numpy as np
 from common import make_holdout_root, real_train_folder
 
 from xraylib import dataset, shifts
-from xraylib.evaluate import THRESHOLD_POLICIES, choose_threshold, evaluate_loaded, predict_probabilities
-from xraylib.model import autocast_dtype, inference_network, load_model, resolve_device
+from xraylib.config import THRESHOLD_POLICIES
+from xraylib.evaluate import choose_threshold, evaluate_loaded, predict_probabilities
+from xraylib.model import TrainedModel, inference_dtype, inference_network, load_model, resolve_device
 
 KEYS = ("accuracy", "sensitivity", "specificity", "roc_auc")
 QUICK = ["--weights", "none", "--image-size", "64", "--epochs", "3", "--batch-size", "32", "--lr", "1e-3"]
@@ -90,12 +92,11 @@ POLICY_PREDICTION = ("balanced: mean shifted specificity at least 0.05 above you
                      "classes equally); youden on shifted validation between youden and balanced")
 
 
-def score_under_shifts(model_dir: str, locations: list[str], *, seed: int = 0) -> dict[str, np.ndarray]:
-    """P(pneumonia) for `locations`, clean and under each shift, as `evaluate` computes it."""
-    model = load_model(model_dir)
-    device = resolve_device("auto")
-    network = inference_network(model.network.to(device))
-    amp = autocast_dtype(device, "auto")
+def score_under_shifts(model: TrainedModel, network: Any, locations: list[str], *, seed: int = 0) -> dict[str, np.ndarray]:
+    """P(pneumonia) for `locations`, clean and under each shift, as `evaluate` computes it;
+    `network` is the model's `inference_network`, on the device it scores on."""
+    device = next(network.parameters()).device
+    amp = inference_dtype(model, device)
     out = {}
     for name in ("clean", *shifts.SHIFTS):
         pixels = shifts.load_shifted(locations, name, model.image_size, equalize_mode=model.equalize, seed=seed)
@@ -117,8 +118,9 @@ def report_model(name: str, model_dir: str, root: Path) -> dict:
     test_index = dataset.list_images(str(root), split="test")
     val_labels = np.array([r.label for r in val_index.records])
     test_labels = np.array([r.label for r in test_index.records])
-    val = score_under_shifts(model_dir, [r.obj.location for r in val_index.records])
-    test = score_under_shifts(model_dir, [r.obj.location for r in test_index.records])
+    network = inference_network(model.network.to(resolve_device("auto")))
+    val = score_under_shifts(model, network, [r.obj.location for r in val_index.records])
+    test = score_under_shifts(model, network, [r.obj.location for r in test_index.records])
     # The library's own evaluation of the clean held-out images must agree with this script's.
     check = evaluate_loaded(model, dataset.load_images(test_index, model.image_size, equalize_mode=model.equalize))
     assert np.allclose(check.probabilities, test["clean"], atol=2e-3), "bench and evaluate disagree on clean images"

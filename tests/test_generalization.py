@@ -281,7 +281,7 @@ def test_with_auto_precision_a_budget_races_bf16_against_fp32_and_trains_in_the_
 
     monkeypatch.setattr(budget, "measure_training_speed", fake_speed)
     kwargs = {"n_train": 4433, "n_val": 783, "batch_size": 32, "device": torch.device("cpu"),
-              "build_network": lambda: torch.nn.Linear(1, 1), "make_optimizer": lambda network: None}
+              "set_up": lambda: (torch.nn.Linear(1, 1), None)}
     rates = {torch.bfloat16: 0.77, None: 1.0}  # this machine: fp32 faster
     sizing = budget.size_for_budget(1800, precisions={"bf16": torch.bfloat16, "fp32": None}, **kwargs)
     assert sizing.precision == "fp32" and sizing.precision_speeds["bf16"] < sizing.precision_speeds["fp32"]

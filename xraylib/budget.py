@@ -105,20 +105,20 @@ def choose_size(budget_s: float, *, seconds_per_image: Any, n_train: int, n_val:
 
 
 def size_for_budget(budget_s: float, *, n_train: int, n_val: int, batch_size: int, device: Any,
-                    precisions: dict[str, Any], build_network: Any, make_optimizer: Any, elapsed_s: float = 0.0) -> Sizing:
+                    precisions: dict[str, Any], set_up: Any, elapsed_s: float = 0.0) -> Sizing:
     """Time training at the two probe sizes of `config.BUDGET_PROBE_SIZES`, fit seconds per image
     as a + b * pixels, and choose the rung of the ladder that fills `budget_s`.
 
+    `set_up()` returns a fresh (network, optimizer) on `device`, as the run trains them.
     `precisions` maps a name ('fp32', 'bf16') to its autocast dtype. With two candidates (a CPU
     that claims native bf16), both are timed at the first probe size and the faster one trains:
     which wins depends on the CPU, not on its flags (on a Xeon with AVX-512 BF16 but no AMX,
     fp32 ran 1.3x faster; on the CPU issue 13 was filed from, bf16 ran 1.8x faster)."""
-    import torch
 
     def speed(size: int, amp_dtype: Any) -> float:
-        network = build_network().to(device).to(memory_format=torch.channels_last)
-        return measure_training_speed(network, make_optimizer(network), image_size=size, batch_size=batch_size,
-                                      device=device, amp_dtype=amp_dtype)
+        network, optimizer = set_up()
+        return measure_training_speed(network, optimizer, image_size=size, batch_size=batch_size, device=device,
+                                      amp_dtype=amp_dtype)
 
     first, second = config.BUDGET_PROBE_SIZES
     raced = {name: speed(first, dtype) for name, dtype in precisions.items()}

@@ -114,7 +114,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, help=f"share of patients held out, default {defaults.val_fraction}")
     p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", choices=config.PRECISIONS,
                    help="auto: bf16 where the hardware runs it natively (AVX-512 BF16 or AMX CPUs, GPUs from "
                         "Ampere on), fp16 with loss scaling on older GPUs (T4, V100), else fp32")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
@@ -128,7 +128,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--tta", action="store_true", help="average over slightly rotated and zoomed views (5x slower)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and report) images that cannot be decoded")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    p.add_argument("--precision", choices=config.PRECISIONS, default="auto",
                    help=SCORING_PRECISION_HELP)
     p.set_defaults(func=cmd_evaluate)
 
@@ -136,7 +136,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a model file, or a train --out location")
     p.add_argument("images", nargs="+", help="image files, or folders or s3:// prefixes of them")
     p.add_argument("--skip-bad", action="store_true", help="skip (and report, on stderr) images that cannot be decoded")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    p.add_argument("--precision", choices=config.PRECISIONS, default="auto",
                    help=SCORING_PRECISION_HELP)
     p.set_defaults(func=cmd_predict)
 

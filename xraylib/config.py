@@ -54,6 +54,8 @@ CPU_EVAL_BATCH_PIXELS = 400_000
 TTA_VIEWS = ((0.0, 1.0, 0.0, 0.0), (0.0, 1.05, 0.0, 0.0), (0.0, 0.95, 0.0, 0.0), (5.0, 1.0, 0.0, 0.0), (-5.0, 1.0, 0.0, 0.0))
 
 
+# Compute precisions: auto picks per device (model.autocast_dtype).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Training augmentation (dataset.augment_batch says what each adds); True means the default level.
 AUGMENT_LEVELS = ("none", "geometry", "acquisition")
 # Contrast normalization applied to every decoded image (dataset.equalize) and recorded in the model.
@@ -132,8 +134,7 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (0 turns it off), got {self.ema_decay}"),
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
-            (self.precision in ("auto", "fp32", "bf16", "fp16"),
-             f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.equalize in EQUALIZE_MODES, f"equalize must be one of {', '.join(EQUALIZE_MODES)}, got {self.equalize!r}"),
             (self.threshold_policy in THRESHOLD_POLICIES,
              f"threshold_policy must be one of {', '.join(THRESHOLD_POLICIES)}, got {self.threshold_policy!r}"),

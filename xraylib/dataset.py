@@ -410,6 +410,10 @@ def augment_batch(pixels: Any, generator: Any = None, level: str = "acquisition"
     def chance(p: float) -> Any:
         return (torch.rand(b, generator=generator) < p).to(pixels.device)
 
+    def sometimes(p: float, lo: float, hi: float) -> Any:
+        """For a share `p` of the images a value in [lo, hi), for the rest 0 (the change left out)."""
+        return uniform(lo, hi) * chance(p)
+
     if level == "geometry":
         x = affine_batch(pixels, angle=uniform(-10, 10), scale=uniform(0.9, 1.1), shift_x=uniform(-0.06, 0.06),
                          shift_y=uniform(-0.06, 0.06))
@@ -422,15 +426,15 @@ def augment_batch(pixels: Any, generator: Any = None, level: str = "acquisition"
     if level == "acquisition":
         gamma = torch.exp(uniform(-0.25, 0.25)).view(b, 1, 1, 1)  # 0.78..1.28
         x = x.clamp(min=1e-6).pow(gamma)
-        x = _blur_batch(x, torch.where(chance(0.5), uniform(0.2, 1.2), torch.zeros_like(uniform(0, 1))))
+        x = _blur_batch(x, sometimes(0.5, 0.2, 1.2))
     contrast = uniform(0.85, 1.15).view(b, 1, 1, 1)
     brightness = uniform(-0.08, 0.08).view(b, 1, 1, 1)
     mean = x.mean(dim=(2, 3), keepdim=True)
     x = (x - mean) * contrast + mean + brightness
     if level == "acquisition":
-        sigma = torch.where(chance(0.5), uniform(0.0, 0.03), torch.zeros_like(uniform(0, 1))).view(b, 1, 1, 1)
+        sigma = sometimes(0.5, 0.0, 0.03).view(b, 1, 1, 1)
         x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
-        x = _dark_frame(x, torch.where(chance(0.2), uniform(0.0, 0.06), torch.zeros_like(uniform(0, 1))))
+        x = _dark_frame(x, sometimes(0.2, 0.0, 0.06))
     return x.clamp_(0, 1)
 
 

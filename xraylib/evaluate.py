@@ -190,9 +190,6 @@ def metrics_json(metrics: dict[str, Any]) -> str:
     return json.dumps(out, indent=2, allow_nan=False) + "\n"
 
 
-THRESHOLD_POLICIES = config.THRESHOLD_POLICIES
-
-
 def choose_threshold(labels: Sequence[int], probabilities: Sequence[float], policy: str = "youden") -> float:
     """The decision threshold a `policy` picks on these (validation) images; 0.5 when they hold
     only one class.
@@ -209,8 +206,8 @@ def choose_threshold(labels: Sequence[int], probabilities: Sequence[float], poli
     exactly on it, where rounding (batch norms folded for evaluation) could flip it."""
     y = np.asarray(labels, dtype=int)
     p = np.asarray(probabilities, dtype=float)
-    if policy not in THRESHOLD_POLICIES:
-        raise ValueError(f"unknown threshold policy {policy!r}: choose one of {', '.join(THRESHOLD_POLICIES)}")
+    if policy not in config.THRESHOLD_POLICIES:
+        raise ValueError(f"unknown threshold policy {policy!r}: choose one of {', '.join(config.THRESHOLD_POLICIES)}")
     if policy == "balanced" or len(set(y.tolist())) < 2:
         return 0.5
     from sklearn.metrics import roc_curve

@@ -59,6 +59,16 @@ def _pil(fn: Callable[[Any], Any]) -> Shift:
     return apply
 
 
+def _blur(radius: float) -> Shift:
+    """Softness: a Gaussian blur of `radius` pixels of the original image."""
+    def blur(im: Any) -> Any:
+        from PIL import ImageFilter
+
+        return im.filter(ImageFilter.GaussianBlur(radius))
+
+    return _pil(blur)
+
+
 def _noise(sigma: float) -> Shift:
     """Detector noise: Gaussian, `sigma` in grey levels of 255, drawn per image from `rng`."""
     return lambda gray, rng: _png(gray.astype(np.float32) + rng.normal(0.0, sigma, gray.shape))
@@ -143,7 +153,7 @@ SHIFTS: dict[str, Shift] = {
     "low contrast": _levels(lambda x: (x - 0.5) * 0.6 + 0.5),
     "high contrast": _levels(lambda x: (x - 0.5) * 1.4 + 0.5),
     "noise": _noise(10.0),
-    "blur": _pil(lambda im: im.filter(__import__("PIL.ImageFilter", fromlist=["GaussianBlur"]).GaussianBlur(1.5))),
+    "blur": _blur(1.5),
     "resolution loss": _resolution_loss(0.3),
     "jpeg q15": lambda gray, rng: _jpeg(gray, 15),
     "zoom in 1.2": _zoom(1.2),

@@ -279,13 +279,14 @@ def size_training_run(cfg: TrainConfig, *, n_images: int, device: Any, elapsed_s
     if cfg.precision == "auto" and device.type == "cpu" and amp_dtype is not None:
         candidates["fp32"] = None
 
-    def make_optimizer(network: Any) -> Any:
-        return set_up_training(network, device=device, precision="fp32", lr=cfg.lr, weight_decay=cfg.weight_decay)[0]
+    def set_up() -> tuple[Any, Any]:
+        network = build_resnet50("none")
+        return network, set_up_training(network, device=device, precision=cfg.precision, lr=cfg.lr,
+                                        weight_decay=cfg.weight_decay)[0]
 
     n_val = round(n_images * cfg.val_fraction)
     return budget.size_for_budget(config.parse_duration(cfg.time_budget), n_train=n_images - n_val, n_val=n_val,
-                                  batch_size=cfg.batch_size, device=device, precisions=candidates,
-                                  build_network=lambda: build_resnet50("none"), make_optimizer=make_optimizer,
+                                  batch_size=cfg.batch_size, device=device, precisions=candidates, set_up=set_up,
                                   elapsed_s=elapsed_s)
 
 
@@ -303,10 +304,11 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
         log(f"no checkpoint in {out}: starting from the first epoch")
     if checkpoint is not None:
         saved = json.loads(checkpoint["config_json"])
-        if cfg.time_budget is not None:  # keep the size (and precision) measured when the run began
-            cfg = dataclasses.replace(cfg, image_size=saved["image_size"], epochs=saved["epochs"],
-                                      precision=saved.get("precision", cfg.precision) if cfg.precision == "auto"
-                                      else cfg.precision)
+        if cfg.time_budget is not None:  # keep what was measured when the run began
+            measured = {"image_size": saved["image_size"], "epochs": saved["epochs"]}
+            if cfg.precision == "auto":
+                measured["precision"] = saved["precision"]
+            cfg = dataclasses.replace(cfg, **measured)
         check_resume_config(saved, cfg, out)
     history: list[dict[str, Any]] = json.loads(checkpoint["history_json"]) if checkpoint is not None else []
     # Written first, so that an --out that cannot be written to fails before any decoding or training.
