@@ -498,7 +498,7 @@ def test_kernel_is_this_python_and_secrets_are_blanked(s3_server, tmp_path, monk
     text = output.read_text()
     assert SECRET not in text and "***" in text
     executed = nbformat.reads(text, as_version=4)
-    assert executed.cells[1].outputs[0].text.splitlines()[0] == sys.executable
+    assert executed.cells[1].outputs[0].text.splitlines()[0] == os.path.normpath(sys.executable)
     assert os.environ["JUPYTER_PATH"] == str(tmp_path / "jupyter")  # restored
 
 
