@@ -223,6 +223,22 @@ def test_train_and_sagemaker_train_take_every_training_parameter(capsys):
         assert [flag for flag in flags if flag not in usage] == [], command
 
 
+def test_the_cli_and_the_notebook_take_the_launchers_job_settings(capsys):
+    import inspect
+
+    from xraylib.cli import get_args_parser
+    from xraylib.notebooks import notebook_parameters, notebook_path
+    from xraylib.sagemaker import launch_training_job
+
+    settings = {name for name, p in inspect.signature(launch_training_job).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and name not in ("wait", "log")}
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["sagemaker", "train", "--help"])
+    usage = capsys.readouterr().out
+    assert [name for name in settings if "--" + name.replace("_", "-") not in usage] == []
+    assert settings <= set(notebook_parameters(notebook_path("sagemaker")))
+
+
 def test_importing_the_launcher_loads_no_sdk():
     code = ("import sys, xraylib.sagemaker, xraylib.sagemaker_entry; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sagemaker', 'torch', 'boto3')))")
