@@ -14,6 +14,7 @@ role must still exist in IAM, and a missing one is still found (from the caller'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -148,6 +149,27 @@ def test_the_launcher_creates_the_job_it_is_asked_for(bucket, role, sdk_env):
     texts = [json.dumps(described, default=str), launched.stdout, launched.stderr]
     texts += [storage.read_bytes(o.location).decode("utf-8", "replace") for o in storage.list_objects(f"{out}/sagemaker")]
     assert not [secret for secret in SECRETS for text in texts if secret in text]
+
+    # Its log, as SageMaker writes it to CloudWatch Logs (one stream per instance; written here into
+    # moto's), followed the way a waiting launcher follows it, each line marked with its instance.
+    import boto3
+
+    from xraylib.sagemaker import follow_training_job
+
+    logs = boto3.client("logs")
+    with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
+        logs.create_log_group(logGroupName="/aws/sagemaker/TrainingJobs")
+    written = {"algo-1": ["epoch 1/3  train loss 0.6", "epoch 2/3  train loss 0.4"], "algo-2": ["worker ready"]}
+    for instance, lines in written.items():
+        stream = f"{name}/{instance}-1764000000"
+        logs.create_log_stream(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=stream)
+        logs.put_log_events(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=stream,
+                            logEvents=[{"timestamp": int(time.time() * 1000) + i, "message": line + "\n"}
+                                       for i, line in enumerate(lines)])
+    followed: list[str] = []
+    job = follow_training_job(name, "us-east-1", log=followed.append)
+    assert followed == [f"[{instance}] {line}" for instance, lines in written.items() for line in lines]
+    assert job.status == "Completed" and job.instance_count == 2 and job.spot
 
 
 def test_no_role_no_region_or_no_sdk_is_one_clear_line(bucket, role, sdk_env, tmp_path):

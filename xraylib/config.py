@@ -81,6 +81,7 @@ SAGEMAKER_MAX_RUN = "8h"
 SAGEMAKER_SPOT_WAIT_FACTOR = 2
 SAGEMAKER_INSTANCE_COUNT = 1
 SAGEMAKER_BASE_JOB_NAME = "xraylib-train"
+SAGEMAKER_LOG_POLL_S = 5.0  # how often a waiting launcher asks for the job's status and new log lines
 # AWS's prebuilt PyTorch training containers, as the SDK's image_uris names them: the newer
 # Amazon Linux 2023 line first, then the older one; the first whose version is the installed
 # torch's major.minor is the job's image.

@@ -21,7 +21,6 @@ Nothing here imports the SDK (or boto3) until a job is launched.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -52,6 +51,8 @@ CHECKPOINTS_FOLDER = "checkpoints"  # <out>/checkpoints: the container's checkpo
 STAGING_FOLDER = "sagemaker"  # <out>/sagemaker: the uploaded source, drivers and SageMaker's output
 JOB_FILES = (config.MODEL_FILENAME, config.HISTORY_FILENAME, config.CURVES_FILENAME)  # copied to --out
 FAILED_STATUSES = ("Failed", "Stopped")
+ENDED_STATUSES = ("Completed", *FAILED_STATUSES)
+LOG_GROUP = "/aws/sagemaker/TrainingJobs"  # where SageMaker puts a job's log, one stream per instance
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +113,7 @@ class TrainingJob:
     region: str
     status: str
     spot: bool
+    instance_count: int = 1
     billable_seconds: int | None = None
     training_seconds: int | None = None
     failure_reason: str | None = None
@@ -256,6 +258,7 @@ def describe_job(name: str, region: str) -> TrainingJob:
     described = boto3.session.Session(region_name=region).client("sagemaker").describe_training_job(TrainingJobName=name)
     return TrainingJob(name=name, region=region, status=described["TrainingJobStatus"],
                        spot=bool(described.get("EnableManagedSpotTraining")),
+                       instance_count=int(described.get("ResourceConfig", {}).get("InstanceCount", 1)),
                        billable_seconds=described.get("BillableTimeInSeconds"),
                        training_seconds=described.get("TrainingTimeInSeconds"),
                        failure_reason=described.get("FailureReason"))
@@ -288,7 +291,6 @@ def launch_training_job(
     from sagemaker.core.helper.iam_role_resolver import RoleValidationError
     from sagemaker.core.helper.session_helper import Session
     from sagemaker.core.training.configs import CheckpointConfig, Compute, OutputDataConfig, SourceCode, StoppingCondition
-    from sagemaker.core.utils.exceptions import FailedStatusError
     from sagemaker.train.distributed import Torchrun
 
     staging = storage.join(cfg.out, STAGING_FOLDER)
@@ -318,22 +320,45 @@ def launch_training_job(
             trainer.train(wait=False, logs=False)
         except (BotoCoreError, ClientError) as exc:
             raise TrainingJobError(f"SageMaker refused the training job: {_one_line(exc)}") from None
-    started = trainer._latest_training_job  # the SDK's handle on the job it created (its documented way)
-    name = started.training_job_name
+    name = trainer._latest_training_job.training_job_name  # the SDK's handle on the job it created (its documented way)
     log(f"training job: {name}")
     log(TrainingJob(name, region, "", spot).console_url)
     if not wait:
         job = describe_job(name, region)
         log(f"not waiting: status {job.status}; results will be in {cfg.out}")
         return job
-    with contextlib.suppress(FailedStatusError):  # described below, with its reason
-        started.wait(logs=True)
-    job = describe_job(name, region)
+    job = follow_training_job(name, region, log=log)
     log(job.summary())
     if job.status in FAILED_STATUSES:
         raise TrainingJobError(f"training job {name} {job.status.lower()}: {_one_line(job.failure_reason or 'no reason given')}")
     log(f"results in {cfg.out}")
     return job
+
+
+def follow_training_job(name: str, region: str, *, log: Log = print, poll_s: float = config.SAGEMAKER_LOG_POLL_S) -> TrainingJob:
+    """Print the log of the job `name` as it comes (CloudWatch Logs, through the SDK's stream
+    reader; each line marked with its instance when there are several) until the job ends, and
+    return it as DescribeTrainingJob reports it then."""
+    import time
+
+    _import_sdk()
+    from sagemaker.core.utils.logs import MultiLogStreamHandler
+
+    def show(streams: Any, several: bool) -> None:
+        for stream, event in streams.get_latest_log_events():
+            instance = stream.removeprefix(name + "/").rsplit("-", 1)[0]  # <job>/algo-2-1700000000 -> algo-2
+            log(f"[{instance}] {event['message'].rstrip()}" if several else event["message"].rstrip())
+
+    job = describe_job(name, region)
+    streams = MultiLogStreamHandler(LOG_GROUP, name, expected_stream_count=job.instance_count)
+    while True:
+        job = describe_job(name, region)  # before reading: what was logged until the job ended is all read below
+        show(streams, job.instance_count > 1)
+        if job.status in ENDED_STATUSES:
+            if not streams.ready():  # an instance that never logged (a job that failed early): read what exists
+                show(MultiLogStreamHandler(LOG_GROUP, name, expected_stream_count=1), job.instance_count > 1)
+            return job
+        time.sleep(poll_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,5 +385,6 @@ def read_job_results(out: str) -> JobResults:
     return JobResults(history, dict(metadata.get("val_metrics", {})), int(metadata.get("best_epoch", 0)), model_location)
 
 
-__all__ = ["JobResults", "TrainingJob", "default_image_uri", "job_hyperparameters", "launch_training_job",
+__all__ = ["JobResults", "TrainingJob", "default_image_uri", "follow_training_job", "job_hyperparameters",
+           "launch_training_job",
            "parse_hyperparameters", "read_job_results", "stage_source"]
