@@ -242,13 +242,13 @@ def _one_line(text: Any) -> str:
 
 
 def _role_error(exc: Exception, role: str | None) -> TrainingJobError:
+    reason = _one_line(str(exc).split("\n\n")[0])  # the SDK's reason, without its code sample
     if role is None:
         return TrainingJobError(
-            "no SageMaker execution role: pass --role arn:aws:iam::ACCOUNT:role/NAME, a role that "
+            f"no SageMaker execution role ({reason}): pass --role arn:aws:iam::ACCOUNT:role/NAME, a role that "
             "sagemaker.amazonaws.com may assume, with read access to --data and write access to --out "
             "(in SageMaker Studio, the notebook's execution role is used)")
-    first = str(exc).split("\n\n")[0]  # the SDK's reason, without its code sample
-    return TrainingJobError(f"the role {role} cannot run the training job: {_one_line(first)}")
+    return TrainingJobError(f"the role {role} cannot run the training job: {reason}")
 
 
 def describe_job(name: str, region: str) -> TrainingJob:
