@@ -334,7 +334,9 @@ def finished_job(s3_server, sdk_env, role, tiny_dataset, tmp_path_factory) -> di
 
     first = start_container(opt_ml, env, tmp / "first.log")
     deadline = time.monotonic() + 300
-    while not checkpoint.exists() and first.poll() is None and time.monotonic() < deadline:
+    # The first epoch checkpointed, and its line through the driver's pipe into the log.
+    while (not checkpoint.exists() or not epoch_lines((tmp / "first.log").read_text())) and first.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.1)
     os.killpg(first.pid, signal.SIGKILL)  # the whole container: driver, torchrun and its workers
     first.wait(timeout=30)
