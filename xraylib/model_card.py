@@ -70,7 +70,8 @@ def model_card_markdown(metrics: Mapping[str, Any], metadata: Mapping[str, Any] 
     lines += ["## Training data and split", ""]
     if train:
         lines += [f"- Training data: `{train.get('data')}`, its `train/` split.",
-                  f"- Validation: {number(train.get('val_fraction'))} of the patients held out of `train/` by patient "
+                  f"- Validation: {100 * float(train.get('val_fraction', 0)):.0f}% of the patients held out of `train/` "
+                  "by patient "
                   f"(seed {train.get('seed')}); {counts.get('train', '?')} training and {counts.get('val', '?')} "
                   "validation images. The epoch (best validation ROC AUC), the calibration, the threshold "
                   f"(policy `{metadata.get('threshold_policy', '?')}`) and the operating points were chosen there.", ""]
@@ -136,7 +137,9 @@ def model_card_markdown(metrics: Mapping[str, Any], metadata: Mapping[str, Any] 
               "0.970 specificity on held-out patients to 0.803 and 0.483 (README, *Results on real chest X-rays* and "
               "its shift benchmark). Measure on images of the site it is meant for before trusting these numbers there.",
               "- The intervals count the luck of which patients were drawn, not a change of scanner, protocol or "
-              "population, nor the choices made on this same data.",
+              "population, nor the choices made on this same data. Where no error of a kind was seen (a specificity "
+              "of 1.0), the interval shrinks to a point: no such error among these patients, not none possible "
+              "(with n such patients, up to about 3/n would go unseen 95% of the time).",
               "- The probabilities are calibrated for as many normal as pneumonia films (the weighting training uses); "
               "at another prevalence the same probability means correspondingly more or less, and the calibration "
               "error above is measured at this evaluation's prevalence.",

@@ -236,7 +236,10 @@ def grad_cam_figure(explanations: Sequence[Any], columns: int = 4) -> Any:
         ax.axis("off")
     for ax, explanation, title in zip(axes, explanations, titles, strict=False):
         ax.imshow(explanation.pixels, cmap="gray", vmin=0, vmax=255)
-        shown = ax.imshow(explanation.heat, cmap="jet", alpha=0.4 * (explanation.heat > 0.05), vmin=0, vmax=1)
+        shown = ax.imshow(explanation.heat, cmap="jet", alpha=0.4, vmin=0, vmax=1)
         ax.set_title(title, fontsize=fontsize)
-    fig.colorbar(shown, ax=list(axes[:n]), shrink=0.6, label="Grad-CAM (evidence for the class given)")
+    side = explanations[0].heat.shape[-1]
+    fig.colorbar(shown, ax=list(axes[:n]), shrink=0.6,
+                 label=f"Grad-CAM, evidence for the class given\n(layer4: one cell per 32 px, {max(1, side // 32)} x "
+                       f"{max(1, side // 32)} at {side} px)")
     return fig
