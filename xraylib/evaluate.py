@@ -4,8 +4,11 @@
 too). `compute_metrics` gives accuracy, sensitivity (recall of the positive class),
 specificity, precision, F1, ROC AUC and PR AUC at a threshold, plus the confusion matrix with
 rows true and columns predicted, labelled with the class names. `choose_threshold` picks the
-threshold on validation data. `evaluate_model` and `predict_images` are what the test notebook
-and the CLI call; `metrics_json` is how metrics are written (strict JSON: null, not NaN).
+threshold on validation data. `trust_metrics` adds what a reviewer asks next: 95% intervals
+resampling patients, calibration, operating points, subgroups and per-patient results (each from
+its own module). `evaluate_model` and `predict_images` are what the test notebook and the CLI
+call; `write_evaluation` stores metrics.json (`metrics_json`: strict JSON, null, not NaN), the
+predictions, the pictures and the model card.
 """
 
 from __future__ import annotations

@@ -60,9 +60,7 @@ def grad_cam(model: TrainedModel, pixels: Any, *, device: str = "auto", batch_si
     """(heat maps float [N, H, W] in 0..1, P(positive) [N]) for decoded uint8 images [N, H, W]. Each
     map explains the class the model gives the image at its threshold."""
     import torch
-    from captum.attr import LayerAttribution, LayerGradCam
-
-    from xraylib.evaluate import probabilities_from_logits
+    from captum.attr import LayerGradCam
 
     torch_device = resolve_device(device)
     network = model.network.to(torch_device).eval()
@@ -70,24 +68,42 @@ def grad_cam(model: TrainedModel, pixels: Any, *, device: str = "auto", batch_si
     cam = LayerGradCam(forward, network.layer4)
     pixels = torch.as_tensor(pixels)
     heats, scores = [], []
-    for start in range(0, len(pixels), batch_size):
-        x = dataset.to_model_input(pixels[start:start + batch_size].to(torch_device), model.mean, model.std)
-        with torch.no_grad():
-            z = forward(x)[:, 1].double()
-        probability = probabilities_from_logits(z.cpu().numpy())
-        target = torch.as_tensor((probability >= model.threshold).astype(np.int64), device=torch_device)
-        attribution = cam.attribute(x.requires_grad_(), target=target, relu_attributions=False).detach().double()
-        explained = torch.where(target == 1, z, -z)
-        places = attribution[0, 0].numel()
-        attribution += ((explained - attribution.sum(dim=(1, 2, 3))) / places).view(-1, 1, 1, 1)
-        heat = LayerAttribution.interpolate(attribution.clamp(min=0), tuple(x.shape[-2:]), interpolate_mode="bilinear")
-        heat = heat[:, 0].float().clamp_(min=0).cpu().numpy()
-        peak = heat.reshape(len(heat), -1).max(axis=1).reshape(-1, 1, 1)
-        heats.append(np.divide(heat, peak, out=np.zeros_like(heat), where=peak > 0))
-        scores.append(probability)
+    # Gradients flow to the activations only: the weights' own gradients would be computed and kept for nothing.
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        for start in range(0, len(pixels), batch_size):
+            heat, probability = _grad_cam_batch(cam, forward, model, pixels[start:start + batch_size].to(torch_device))
+            heats.append(heat)
+            scores.append(probability)
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     if not heats:
         return np.zeros((0, *pixels.shape[-2:]), dtype=np.float32), np.zeros(0)
     return np.concatenate(heats), np.concatenate(scores)
+
+
+def _grad_cam_batch(cam: Any, forward: _CalibratedLogOdds, model: TrainedModel, pixels: Any) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+    from captum.attr import LayerAttribution
+
+    from xraylib.evaluate import probabilities_from_logits
+
+    x = dataset.to_model_input(pixels, model.mean, model.std)
+    with torch.no_grad():
+        z = forward(x)[:, 1].double()
+    probability = probabilities_from_logits(z.cpu().numpy())
+    target = torch.as_tensor((probability >= model.threshold).astype(np.int64), device=x.device)
+    attribution = cam.attribute(x.requires_grad_(), target=target, relu_attributions=False).detach().double()
+    explained = torch.where(target == 1, z, -z)
+    places = attribution[0, 0].numel()
+    attribution += ((explained - attribution.sum(dim=(1, 2, 3))) / places).view(-1, 1, 1, 1)
+    heat = LayerAttribution.interpolate(attribution.clamp(min=0), tuple(x.shape[-2:]), interpolate_mode="bilinear")
+    heat = heat[:, 0].float().clamp_(min=0).cpu().numpy()
+    peak = heat.reshape(len(heat), -1).max(axis=1).reshape(-1, 1, 1)
+    return np.divide(heat, peak, out=np.zeros_like(heat), where=peak > 0), probability
 
 
 def _explanations(model: TrainedModel, names: Sequence[str], pixels: Any, true: Sequence[str | None], *,
