@@ -166,7 +166,7 @@ def explain_images(model: str | TrainedModel, images: str | Path | Sequence[str 
         # Two images of one name in different folders must not overwrite each other's overlay.
         file = stems[i] if stems[i] not in duplicated else f"{i:04d}-{stems[i]}"
         location = storage.join(out, file)
-        storage.write_bytes(location, plots.figure_png(plots.grad_cam_figure([explanation], columns=1)))
+        storage.write_bytes(location, plots.figure_png(plots.grad_cam_figure([explanation], columns=1, with_image=True)))
         written.append(location)
     log(f"wrote {len(written)} Grad-CAM overlay(s) to {out}")
     return written

@@ -216,30 +216,36 @@ def confident_mistakes_figure(evaluation: Any, n: int = 8) -> Any:
     return image_grid_figure(evaluation.images[rows], titles)
 
 
-def grad_cam_figure(explanations: Sequence[Any], columns: int = 4) -> Any:
+def grad_cam_figure(explanations: Sequence[Any], columns: int = 4, *, with_image: bool = False) -> Any:
     """Each image (`explain.Explanation`) with its Grad-CAM heat map laid over it, titled with its
-    file name, the class the model gave, P(positive) and, when known, the true class."""
+    file name, the class the model gave, P(positive) and, when known, the true class; with
+    `with_image`, the plain image beside each overlay."""
     n = len(explanations)
     if not n:
         fig = _figure(4, 1)
         fig.text(0.5, 0.5, "no images to explain", ha="center", va="center")
         return fig
-    columns = max(1, min(columns, n))
-    rows = -(-n // columns)
+    panels = [(e, plain) for e in explanations for plain in ((True, False) if with_image else (False,))]
+    columns = max(1, min(columns * (2 if with_image else 1), len(panels)))
+    rows = -(-len(panels) // columns)
     width = 2.8
-    fig = _figure(width * columns, 3.1 * rows)
+    fig = _figure(width * columns + 1.2, 3.1 * rows)
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
-    titles = [f"{_file_name(e.name)}\nsaid {e.predicted}, p={e.probability:.2f}" + (f"\ntrue {e.true}" if e.true else "")
-              for e in explanations]
+    titles = [f"{_file_name(e.name)}\n" + ("the image" if plain else f"said {e.predicted}, p={e.probability:.2f}")
+              + (f"\ntrue {e.true}" if e.true and not plain else "") for e, plain in panels]
     fontsize = _fitting_fontsize(titles, width)
     for ax in axes:
         ax.axis("off")
-    for ax, explanation, title in zip(axes, explanations, titles, strict=False):
+    shown = None
+    for ax, (explanation, plain), title in zip(axes, panels, titles, strict=False):
         ax.imshow(explanation.pixels, cmap="gray", vmin=0, vmax=255)
-        shown = ax.imshow(explanation.heat, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        if not plain:
+            shown = ax.imshow(explanation.heat, cmap="jet", alpha=0.4, vmin=0, vmax=1)
         ax.set_title(title, fontsize=fontsize)
     side = explanations[0].heat.shape[-1]
-    fig.colorbar(shown, ax=list(axes[:n]), shrink=0.6,
-                 label=f"Grad-CAM, evidence for the class given\n(layer4: one cell per 32 px, {max(1, side // 32)} x "
+    from matplotlib.cm import ScalarMappable
+
+    fig.colorbar(ScalarMappable(norm=shown.norm, cmap=shown.cmap), ax=list(axes[:len(panels)]), shrink=0.7,
+                 label=f"Grad-CAM: evidence for the class given\n(one cell per 32 px: {max(1, side // 32)} x "
                        f"{max(1, side // 32)} at {side} px)")
     return fig
