@@ -25,11 +25,11 @@ def number(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def interval(bounds: Sequence[Any] | None) -> str:
+def interval(bounds: Sequence[Any] | None, digits: int = 4) -> str:
     """'0.8123 – 0.9011', or n/a."""
     if not bounds or bounds[0] is None or bounds[1] is None:
         return "n/a"
-    return f"{number(bounds[0])} – {number(bounds[1])}"
+    return f"{number(bounds[0], digits)} – {number(bounds[1], digits)}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -52,13 +52,15 @@ def confusion_matrix_figure(metrics: dict[str, Any], class_names: Sequence[str])
 
 
 def _value(value: Any) -> str:
-    return "n/a" if value is None or value != value else f"{value:.3f}"
+    from xraylib.model_card import number
+
+    return number(value if value is None else float(value), 3)
 
 
 def _interval(bounds: Sequence[Any] | None) -> str:
-    if not bounds or bounds[0] is None:
-        return "n/a"
-    return f"{bounds[0]:.3f}–{bounds[1]:.3f}"
+    from xraylib.model_card import interval
+
+    return interval(bounds, 3)
 
 
 def roc_curve_figure(labels: Sequence[int], probabilities: Sequence[float], metrics: dict[str, Any] | None = None) -> Any:
