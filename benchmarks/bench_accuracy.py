@@ -8,7 +8,8 @@ holds out its own validation split by patient), then `xraylib evaluate` on the h
 With `--s3` the data goes through `xraylib upload` to a loopback S3 server first, and training
 and evaluation read from there. With `--tta`, both the validation split and the held-out
 patients are also scored with test-time augmentation. Prints the validation metrics of the kept
-epoch, the held-out metrics and the wall time of each step. `bench_ablations.py` runs several
+epoch, the held-out metrics with their 95% patient-bootstrap intervals (and the operating points,
+subgroups and per-patient results), and the wall time of each step. `bench_ablations.py` runs several
 recipes through `run_recipe`.
 """
 
@@ -31,11 +32,33 @@ from common import make_holdout_root, real_train_folder, timed
 from xraylib import config, dataset, locals3, storage
 from xraylib.model import load_model
 
-KEYS = ("accuracy", "sensitivity", "specificity", "roc_auc", "pr_auc", "threshold")
+KEYS = ("accuracy", "sensitivity", "specificity", "roc_auc", "pr_auc", "brier", "ece", "threshold")
+
+
+def _with_interval(metrics: dict, key: str) -> str:
+    low, high = (metrics.get("ci95") or {}).get(key, (None, None))
+    value = "n/a" if metrics[key] is None else f"{metrics[key]:.4f}"
+    return f"{key} {value}" + (f" [{low:.4f}, {high:.4f}]" if low is not None else "")
 
 
 def metrics_line(metrics: dict) -> str:
-    return ", ".join(f"{k} {metrics[k]:.4f}" for k in KEYS) + f", n_images {metrics['n_images']}"
+    """The metrics (with their 95% patient-bootstrap intervals, where evaluated) on one line."""
+    return ", ".join(_with_interval(metrics, k) for k in KEYS if k in metrics) + f", n_images {metrics['n_images']}"
+
+
+def trust_lines(metrics: dict) -> list[str]:
+    """Operating points, subgroups and per-patient results of an evaluation's metrics.json."""
+    lines = [f"  operating point sensitivity {p['target_sensitivity']:.2f} (threshold {p['threshold']:.4f}, chosen on "
+             f"{p['chosen_on']}): {_with_interval({**p, 'n_images': 0}, 'sensitivity')}, "
+             f"{_with_interval({**p, 'n_images': 0}, 'specificity')}" for p in metrics.get("operating_points", [])]
+    lines += [f"  subgroup {name}: {group['n_images']} images, "
+              + _with_interval({"sensitivity": group["sensitivity"], "ci95": {"sensitivity": group["ci95"]}}, "sensitivity")
+              for name, group in metrics.get("subgroups", {}).items()]
+    if "per_patient" in metrics:
+        patient = metrics["per_patient"]
+        lines.append(f"  per patient ({patient['n_patients']}): "
+                     + ", ".join(_with_interval(patient, k) for k in ("accuracy", "sensitivity", "specificity", "roc_auc")))
+    return lines
 
 
 def make_validation_folder(root: Path, dest: Path) -> Path:
@@ -82,6 +105,7 @@ def run_recipe(data: str, work: str, train_flags: list[str], *, env: dict[str, s
 def print_report(report: dict) -> None:
     print(f"validation (best epoch): {metrics_line(report['val'])}")
     print(f"held-out patients:       {metrics_line(report['held_out'])}")
+    print("\n".join(trust_lines(report["held_out"])))
     for name in ("val_plain", "val_tta", "held_out_tta"):
         if name in report:
             print(f"{name + ':':<25}{metrics_line(report[name])}")

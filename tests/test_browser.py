@@ -256,8 +256,15 @@ def test_test_notebook_in_jupyterlab(test_seen):
     assert len(matrix["images"]) == 1
     width, height = matrix["images"][0]
     assert width > 300 and height > 300, "the confusion matrix is not shown"
-    (metrics,) = test_seen.cell("metrics_table(")["tables"]
-    assert_text_left_numbers_right(metrics)
+    images_and_patients = test_seen.cell("metrics_table(")["tables"]
+    assert len(images_and_patients) == 2 and images_and_patients[0]["header"][2] == "95% interval"
+    for table in images_and_patients:
+        assert_text_left_numbers_right(table)
+    for cell in ("operating_points_table(", "subgroups_table(", "comparison_table("):
+        (table,) = test_seen.cell(cell)["tables"]
+        assert_text_left_numbers_right(table)
+    for cell in ("reliability_figure", "grad_cam_figure"):
+        assert len(test_seen.cell(cell)["images"]) == 1
     (predictions,) = test_seen.cell("predictions_table(")["tables"]
     assert_text_left_numbers_right(predictions)
     assert predictions["cells"] and not any(row[0].startswith("s3://") for row in predictions["cells"])

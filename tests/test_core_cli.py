@@ -54,7 +54,8 @@ def test_upload_train_evaluate_predict_from_s3(bucket, tiny_dataset, tmp_path):
     assert metrics["n_images"] == 40
     assert sum(map(sum, metrics["confusion_matrix"]["matrix"])) == 40
     written = {o.relpath for o in storage.list_objects(results)}
-    assert written == {"metrics.json", "confusion_matrix.png", "roc_curve.png", "pr_curve.png", "predictions.csv"}
+    assert written == {"metrics.json", "confusion_matrix.png", "roc_curve.png", "pr_curve.png", "calibration.png",
+                       "model_card.md", "predictions.csv"}
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{results}/predictions.csv").decode())))
     assert len(rows) == 40 and all(r["image"].startswith(f"{data}/test/") for r in rows)
 

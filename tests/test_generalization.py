@@ -163,10 +163,10 @@ def test_equalization_temperature_and_policy_travel_in_the_model_file_to_evaluat
     # reproducing validation's decisions image for image; fp32 when asked, and metrics.json says which.
     assert model.validation_precision == "bf16"
     again = evaluate_loaded(model, result.data.val)
-    assert again.metrics["precision"] == again.metrics["validation_precision"] == "bf16"
+    assert again.metrics["compute_precision"] == again.metrics["validation_precision"] == "bf16"
     assert again.metrics["confusion_matrix"]["matrix"] == result.val_metrics["confusion_matrix"]["matrix"]
     assert again.metrics["threshold"] == result.val_metrics["threshold"]
-    assert evaluate_loaded(model, result.data.val, precision="fp32").metrics["precision"] == "fp32"
+    assert evaluate_loaded(model, result.data.val, precision="fp32").metrics["compute_precision"] == "fp32"
     assert model.equalize == "histogram"
     assert model.metadata["threshold_policy"] == "equal-error"
     # A calibration fitted on validation is stored; only a network that ranks the classes backwards,

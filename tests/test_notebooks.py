@@ -43,11 +43,12 @@ from xraylib.notebooks import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PARAMETERS = {f.name for f in dataclasses.fields(config.TrainConfig)}  # every knob, as in the CLI
-TEST_PARAMETERS = {"model", "data", "out", "tta", "new_images"}
+TEST_PARAMETERS = {"model", "data", "out", "tta", "compare_with", "new_images"}
 # The SageMaker notebook: every training knob, and the job's (as `xraylib sagemaker train` takes them).
 JOB_PARAMETERS = {"instance_type", "instance_count", "spot", "max_run", "max_wait", "role", "image_uri"}
 METRIC_KEYS = {"accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc", "threshold", "n_images",
-               "confusion_matrix", "class_names"}
+               "confusion_matrix", "class_names", "brier", "ece", "ci95", "ci_method", "operating_points", "subgroups",
+               "per_patient", "data", "model"}
 SECRET = locals3.LOCAL_ENV["AWS_SECRET_ACCESS_KEY"]
 # Small and quick: 32 px, one epoch, no pretrained weights.
 TINY_TRAIN = ["-p", "epochs", "1", "-p", "image_size", "32", "-p", "batch_size", "16", "-p", "weights", "none",
@@ -357,6 +358,22 @@ def trained(s3_server, tiny_dataset, tmp_path_factory):
     return {"bucket": bucket, "data": data, "run": run, "stdout": result.stdout, "env": env}
 
 
+def assert_shows_what_a_reviewer_asks(nb: nbformat.NotebookNode) -> None:
+    """An executed test notebook shows intervals, operating points, subgroups, the comparison, the
+    Grad-CAM heat maps and the model card."""
+    html = "".join("".join(o["data"]["text/html"]) for o in outputs_of(nb) if "text/html" in o.get("data", {}))
+    for caption in ("test images", "test patients", "operating points", "subgroups"):
+        assert f"<caption>{caption}</caption>" in html
+    assert "<th style=\"text-align: left\">95% interval</th>" in html and "A - B" in html
+    assert re.search(r"<td[^>]*>accuracy</td><td[^>]*>\d\.\d{4}</td><td[^>]*>\d\.\d{4} – \d\.\d{4}</td>", html), html
+    assert all(f"<td style=\"text-align: left\">{kind}</td>" in html for kind in ("bacteria", "virus"))
+    heat_maps = next(c for c in nb.cells if c.cell_type == "code" and "grad_cam_figure" in c.source)
+    assert any("image/png" in o.get("data", {}) for o in heat_maps.outputs)
+    card = [o for o in outputs_of(nb) if "text/markdown" in o.get("data", {}) and "text/html" not in o.get("data", {})]
+    assert len(card) == 1 and "# Model card" in "".join(card[0]["data"]["text/markdown"])  # rendered, not a table's text
+    assert "## Known limits" in "".join(card[0]["data"]["text/markdown"])
+
+
 def assert_executed_cleanly(nb: nbformat.NotebookNode) -> None:
     assert nb.metadata["papermill"]["exception"] in (None, False)
     errors = [o for o in outputs_of(nb) if o.output_type == "error"]
@@ -421,7 +438,8 @@ def test_test_notebook_runs_with_output_on_s3(trained, capsys):
     nb = nbformat.reads(text, as_version=4)
     assert_executed_cleanly(nb)
     pictures = [o for o in outputs_of(nb) if "image/png" in o.get("data", {})]
-    assert len(pictures) == 4  # confusion matrix, ROC, PR, mistakes
+    assert len(pictures) == 6  # confusion matrix, ROC, PR, reliability diagram, mistakes, Grad-CAM heat maps
+    assert_shows_what_a_reviewer_asks(nb)
     # The last table classifies every image below new_images, each named from there.
     predictions = "".join(outputs_of(nb)[-1]["data"]["text/html"])
     val_images = storage.list_objects(new_images)
@@ -433,12 +451,15 @@ def test_test_notebook_runs_with_output_on_s3(trained, capsys):
     assert [bar.split("|")[0] for bar in bars_of(evaluating)] == ["loading images: 100%"]
     printed = "".join(o.text for o in evaluating.outputs if o.output_type == "stream")
     assert re.fullmatch(r"evaluated 40 images in \d+\.\d s; wrote metrics\.json, predictions\.csv, confusion_matrix\.png, "
-                        rf"roc_curve\.png and pr_curve\.png to {re.escape(evaluation)}\n", printed), printed
+                        r"roc_curve\.png, pr_curve\.png, calibration\.png and model_card\.md to "
+                        rf"{re.escape(evaluation)}\n", printed), printed
     metrics = json.loads(storage.read_bytes(f"{evaluation}/metrics.json"))
     assert set(metrics) >= METRIC_KEYS
     assert metrics["n_images"] == 40
-    for name in ("predictions.csv", "confusion_matrix.png", "roc_curve.png", "pr_curve.png"):
+    for name in ("predictions.csv", "confusion_matrix.png", "roc_curve.png", "pr_curve.png", "calibration.png", "model_card.md"):
         assert storage.exists(f"{evaluation}/{name}")
+    # The model trained by the notebook stored its operating points, chosen on validation.
+    assert [p["chosen_on"] for p in metrics["operating_points"]] == ["validation"] * 3
 
 
 @pytest.mark.timeout(300)
@@ -544,6 +565,10 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
         text = (tmp_path / "demo" / name).read_text()
         assert SECRET not in text
         assert_executed_cleanly(nbformat.reads(text, as_version=4))
+    assert_shows_what_a_reviewer_asks(nbformat.reads((tmp_path / "demo" / "test_classifier.executed.ipynb").read_text(),
+                                                     as_version=4))
+    card = (tmp_path / "demo" / "model_card.md").read_text()
+    assert f"{metrics['accuracy']:.4f}" in card and "s3://xraylib-demo/chest_xray" in card
     printed = capsys.readouterr().out
     assert f"results in {tmp_path / 'demo'}" in printed and "accuracy" in printed
     assert "local S3 server at http://127.0.0.1:" in printed

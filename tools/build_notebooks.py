@@ -120,8 +120,12 @@ TEST = [
     ("markdown", """# Evaluate the pneumonia classifier
 
 Evaluates a trained model on the `test/` split (images it has never seen) at the decision
-threshold chosen on validation. Writes `metrics.json`, `predictions.csv`, `confusion_matrix.png`,
-`roc_curve.png` and `pr_curve.png` to `out`.
+threshold chosen on validation. Every metric comes with a 95% interval from a bootstrap that
+resamples patients (a patient's images are not independent). Then: calibration, the operating
+points stored in the model file, sensitivity per subgroup, a paired comparison with a second model,
+Grad-CAM heat maps of what the network looks at, and the model card. Writes `metrics.json`,
+`predictions.csv`, `confusion_matrix.png`, `roc_curve.png`, `pr_curve.png`, `calibration.png` and
+`model_card.md` to `out`.
 
 Then classifies the images of `new_images`, which need no class folders: new scans, or
 Kaggle's `val/` split of 16 images (`chest_xray/val`).
@@ -134,28 +138,70 @@ xraylib run test -p model s3://BUCKET/runs/resnet50 -p data s3://BUCKET/chest_xr
 ```"""),
     ("parameters", """model = "runs/resnet50"  # a model file, or the `out` of a training run (local or s3://)
 data = "chest_xray"  # the dataset root holding test/, or a folder of class folders
-out = "runs/resnet50/evaluation"  # where metrics.json, predictions.csv and the pictures go
+out = "runs/resnet50/evaluation"  # where metrics.json, predictions.csv, the pictures and model_card.md go
 tta = False  # True averages over slightly rotated and zoomed views: 5x the compute
+compare_with = None  # a second model (file or training `out`) to compare with on the same images; None: the model itself
 new_images = []  # an image, a folder or s3:// prefix of images, or a list of those; [] for none"""),
     ("code", """%matplotlib inline
-from IPython.display import display
+from IPython.display import Markdown, display
 
 from xraylib import plots
+from xraylib.compare import compare_evaluations
 from xraylib.evaluate import evaluate_model, predict_images
+from xraylib.explain import explain_rows, rows_to_explain
 from xraylib.model import load_model
-from xraylib.notebooks import class_counts_table, metrics_table, predictions_table"""),
+from xraylib.model_card import model_card_markdown
+from xraylib.notebooks import (
+    class_counts_table,
+    comparison_table,
+    metrics_table,
+    operating_points_table,
+    predictions_table,
+    subgroups_table,
+)"""),
     ("code", """trained = load_model(model)
 evaluation = evaluate_model(trained, data, out, tta=tta, progress=True)"""),
     ("code", """display(class_counts_table({"test": evaluation}))"""),
-    ("markdown", "## Metrics"),
-    ("code", """display(metrics_table(evaluation.metrics, title="test"))"""),
+    ("markdown", """## Metrics
+
+With 95% intervals: 2,000 bootstrap resamples of the patients (`metrics.json`'s `ci_method`). Then
+the same per patient: a patient is positive when any of its images is, and its score is its
+images' highest probability."""),
+    ("code", """display(metrics_table(evaluation.metrics, title="test images"))
+display(metrics_table(evaluation.metrics["per_patient"], title="test patients"))"""),
     ("markdown", "## Confusion matrix\n\nRows: the true class; columns: what the model said."),
     ("code", "display(plots.confusion_matrix_figure(evaluation.metrics, evaluation.class_names))"),
-    ("markdown", "## ROC and precision-recall curves"),
-    ("code", "display(plots.roc_curve_figure(evaluation.labels, evaluation.probabilities))"),
+    ("markdown", """## ROC and precision-recall curves
+
+The ROC curve marks the model's threshold and the operating points for target sensitivities,
+chosen on validation and stored in the model file; the table gives what they reach on the test images."""),
+    ("code", "display(plots.roc_curve_figure(evaluation.labels, evaluation.probabilities, evaluation.metrics))"),
+    ("code", "display(operating_points_table(evaluation.metrics))"),
     ("code", "display(plots.pr_curve_figure(evaluation.labels, evaluation.probabilities))"),
+    ("markdown", """## Calibration
+
+Are the probabilities honest? Per bin of predicted probability, the share that was pneumonia; on
+the diagonal, a probability of 0.8 is right 80% of the time."""),
+    ("code", "display(plots.reliability_figure(evaluation.labels, evaluation.probabilities, evaluation.metrics))"),
+    ("markdown", "## Subgroups\n\nSensitivity per kind of pneumonia, as the file names say."),
+    ("code", "display(subgroups_table(evaluation.metrics))"),
+    ("markdown", """## Comparison
+
+`compare_with`'s model against this one on the same images: each metric's difference with a 95%
+interval from the same patient resamples for both (`xraylib compare` on the command line). Without
+`compare_with`, the model is compared with itself, and every difference is 0."""),
+    ("code", """comparison = compare_evaluations(evaluation, evaluate_model(compare_with, data) if compare_with else evaluation)
+display(comparison_table(comparison))"""),
     ("markdown", "## The most confidently wrong images"),
     ("code", "display(plots.confident_mistakes_figure(evaluation))"),
+    ("markdown", """## What the network looks at
+
+Grad-CAM of the last convolutional stage: where the evidence for the class the model gave lies,
+for the most confident mistakes and the most confidently right images of each class
+(`xraylib explain` draws them for any image)."""),
+    ("code", "display(plots.grad_cam_figure(explain_rows(trained, evaluation, rows_to_explain(evaluation))))"),
+    ("markdown", "## Model card\n\nAlso written to `out` as `model_card.md`."),
+    ("code", "display(Markdown(model_card_markdown(evaluation.metrics, trained.metadata)))"),
     ("markdown", "## New images\n\nThe class the model gives each image of `new_images`, at the same threshold."),
     ("code", """predictions = predict_images(trained, new_images)
 display(predictions_table(predictions))"""),

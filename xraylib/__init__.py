@@ -8,6 +8,8 @@ use of a function that needs them. The public functions, by stage:
 - model: `build_resnet50`, `load_model`, `save_model`                          (model.py)
 - training: `make_train_config`, `train`                                        (config.py, training.py)
 - evaluation: `evaluate_model`, `predict_images`, `compute_metrics`             (evaluate.py)
+- trust: `bootstrap_intervals` (uncertainty.py), `compare_models` (compare.py),
+  `explain_images`, `grad_cam` (explain.py), `model_card_markdown` (model_card.py)
 - pictures: `confusion_matrix_figure`, `roc_curve_figure`, ...                  (plots.py)
 """
 
@@ -27,6 +29,10 @@ _EXPORTS = {
     "config": ["make_train_config", "TrainConfig", "PRESETS"],
     "training": ["train"],
     "evaluate": ["evaluate_model", "predict_images", "compute_metrics", "choose_threshold"],
+    "uncertainty": ["bootstrap_intervals"],
+    "compare": ["compare_models"],
+    "explain": ["explain_images", "grad_cam"],
+    "model_card": ["model_card_markdown"],
     "plots": ["confusion_matrix_figure", "roc_curve_figure", "pr_curve_figure", "training_curves_figure",
               "sample_images_figure", "confident_mistakes_figure"],
 }

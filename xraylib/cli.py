@@ -1,4 +1,5 @@
-"""The `xraylib` command: upload, train, evaluate, predict, run (a notebook), demo, sagemaker train.
+"""The `xraylib` command: upload, train, evaluate, predict, explain, compare, run (a notebook), demo,
+sagemaker train.
 
 Each subcommand parses its arguments and calls the same public function a notebook calls. A
 problem the user can fix (an `XrayError`) prints one line, `xraylib: error: ...`, and exits 2;
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from xraylib import config
-from xraylib.errors import XrayError
+from xraylib.errors import ConfigError, XrayError
 
 
 def cmd_upload(args: argparse.Namespace) -> None:
@@ -57,7 +58,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     m = evaluation.metrics
     print(f"{m['n_images']} images: accuracy {m['accuracy']:.4f}, sensitivity {m['sensitivity']:.4f}, "
           f"specificity {m['specificity']:.4f}, ROC AUC {m['roc_auc']:.4f}, PR AUC {m['pr_auc']:.4f} "
-          f"(threshold {m['threshold']:.3f}, computed in {m['precision']})")
+          f"(threshold {m['threshold']:.3f}, computed in {m['compute_precision']})")
     if evaluation.skipped:
         print(f"skipped {len(evaluation.skipped)} bad image(s)")
 
@@ -69,6 +70,24 @@ def cmd_predict(args: argparse.Namespace) -> None:
     for prediction in predict_images(args.model, args.images, skip_bad=args.skip_bad, precision=args.precision,
                                      log=lambda line: print(line, file=sys.stderr)):
         print(prediction)
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    from xraylib.explain import explain_images
+
+    for location in explain_images(args.model, args.images, args.out, device=args.device, skip_bad=args.skip_bad,
+                                   log=lambda line: print(line, file=sys.stderr)):
+        print(location)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from xraylib.compare import compare_models, comparison_lines
+
+    if len(args.model) != 2:
+        raise ConfigError(f"compare takes two models, --model A --model B; got {len(args.model)}")
+    comparison = compare_models(args.model[0], args.model[1], args.data, args.out, device=args.device,
+                                precision=args.precision, skip_bad=args.skip_bad, log=lambda line: print(line, file=sys.stderr))
+    print("\n".join(comparison_lines(comparison)))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -159,6 +178,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=config.PRECISIONS, default="auto",
                    help=SCORING_PRECISION_HELP)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="Grad-CAM heat maps: where the network looks, one overlay PNG per image")
+    p.add_argument("--model", required=True, help="a model file, or a train --out location")
+    p.add_argument("images", nargs="+", help="image files, or folders or s3:// prefixes of them")
+    p.add_argument("--out", required=True, help="where the <image>.gradcam.png overlays go (local or s3://)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and report, on stderr) images that cannot be decoded")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("compare", help="two models on the same test images: each metric's difference with a 95%% interval")
+    p.add_argument("--model", required=True, action="append", help="a model file or train --out location; give it twice (A, B)")
+    p.add_argument("--data", required=True, help="dataset root (holding test/) or a folder of class folders")
+    p.add_argument("--out", help="where comparison.json goes (local or s3://); printed only when not given")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and report) images that cannot be decoded")
+    p.add_argument("--precision", choices=config.PRECISIONS, default="auto", help=SCORING_PRECISION_HELP)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("run", help="execute the train or test notebook headless (papermill)")
     p.add_argument("notebook", help="train, test, or a path to a notebook")

@@ -64,6 +64,18 @@ EQUALIZE_MODES = ("none", "histogram")
 THRESHOLD_POLICIES = ("balanced", "equal-error", "youden", "sensitivity-0.95")
 
 
+# Evaluation a reviewer can trust (uncertainty.py, calibration.py, operating_points.py, subgroups.py).
+BOOTSTRAP_RESAMPLES = 2000  # patient resamples behind every 95% interval
+BOOTSTRAP_SEED = 0
+CI_LEVEL = 0.95
+ECE_BINS = 15  # equal-width bins of P(positive) for the expected calibration error and the reliability diagram
+# Target sensitivities whose thresholds training picks on validation and stores in the model file.
+OPERATING_POINT_SENSITIVITIES = (0.90, 0.95, 0.99)
+# Subgroups of the positive class that Kaggle's file names carry (person1_bacteria_1.jpeg, person1_virus_6.jpeg).
+SUBGROUPS = ("bacteria", "virus")
+MODEL_CARD_FILENAME = "model_card.md"
+
+
 # --time-budget (budget.py) walks up this ladder of (image size, epochs) to the largest rung whose
 # predicted run fits: pixels and epochs grow together, since on the official test split both
 # helped (96 px x 5 epochs: ROC AUC 0.947; 160 px x 8: 0.961).

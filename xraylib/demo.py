@@ -33,8 +33,8 @@ DATA_PREFIX = "chest_xray"
 RUN_PREFIX = "runs/demo"
 
 TRAIN_FILES = (config.HISTORY_FILENAME, config.CURVES_FILENAME, "train_classifier.executed.ipynb")
-EVAL_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc_curve.png", "pr_curve.png",
-              "test_classifier.executed.ipynb")
+EVAL_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc_curve.png", "pr_curve.png", "calibration.png",
+              config.MODEL_CARD_FILENAME, "test_classifier.executed.ipynb")
 
 
 def run_demo(out: str | Path = "demo-output", images_per_class: int | None = None, epochs: int | None = None) -> dict[str, Any]:
@@ -82,5 +82,8 @@ def run_demo(out: str | Path = "demo-output", images_per_class: int | None = Non
     print(f"test set ({metrics['n_images']} generated images): accuracy {metrics['accuracy']:.3f}, "
           f"sensitivity {metrics['sensitivity']:.3f}, specificity {metrics['specificity']:.3f}, "
           f"ROC AUC {metrics['roc_auc']:.3f}, PR AUC {metrics['pr_auc']:.3f} at threshold {metrics['threshold']:.2f}")
+    low, high = metrics["ci95"]["accuracy"]
+    print(f"accuracy's 95% interval, resampling patients: {low:.3f} to {high:.3f}; calibration: Brier "
+          f"{metrics['brier']:.3f}, ECE {metrics['ece']:.3f}")
     print(f"open the notebooks with `make lab`, or {out_dir / 'test_classifier.executed.ipynb'} in JupyterLab")
     return metrics

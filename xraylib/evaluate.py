@@ -4,8 +4,11 @@
 too). `compute_metrics` gives accuracy, sensitivity (recall of the positive class),
 specificity, precision, F1, ROC AUC and PR AUC at a threshold, plus the confusion matrix with
 rows true and columns predicted, labelled with the class names. `choose_threshold` picks the
-threshold on validation data. `evaluate_model` and `predict_images` are what the test notebook
-and the CLI call; `metrics_json` is how metrics are written (strict JSON: null, not NaN).
+threshold on validation data. `trust_metrics` adds what a reviewer asks next: 95% intervals
+resampling patients, calibration, operating points, subgroups and per-patient results (each from
+its own module). `evaluate_model` and `predict_images` are what the test notebook and the CLI
+call; `write_evaluation` stores metrics.json (`metrics_json`: strict JSON, null, not NaN), the
+predictions, the pictures and the model card.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from xraylib import config, dataset, storage
+from xraylib import calibration, config, dataset, storage, subgroups, uncertainty
 from xraylib.errors import DatasetError
 from xraylib.model import (
     TrainedModel,
@@ -32,6 +35,7 @@ from xraylib.model import (
     precision_name,
     resolve_device,
 )
+from xraylib.operating_points import operating_points_on, sensitivity_threshold
 
 
 def predict_logits(
@@ -212,13 +216,10 @@ def choose_threshold(labels: Sequence[int], probabilities: Sequence[float], poli
         return 0.5
     from sklearn.metrics import roc_curve
 
+    if policy.startswith("sensitivity-"):
+        return sensitivity_threshold(y, p, float(policy.split("-")[1]))
     fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
-    if policy == "youden":
-        best = int(np.argmax(tpr - fpr))
-    elif policy == "equal-error":
-        best = int(np.argmin(np.abs(tpr - (1 - fpr))))
-    else:
-        best = int(np.flatnonzero(tpr >= float(policy.split("-")[1]))[0])
+    best = int(np.argmax(tpr - fpr)) if policy == "youden" else int(np.argmin(np.abs(tpr - (1 - fpr))))
     upper = thresholds[best]
     lower = thresholds[best + 1] if best + 1 < len(thresholds) else 0.0
     threshold = (upper + lower) / 2 if np.isfinite(upper) else 1.0
@@ -236,6 +237,11 @@ class Evaluation:
     class_names: tuple[str, str]
     images: Any  # the decoded pixels, for showing mistakes
     skipped: list[tuple[str, str]]
+    patients: list[str] | None = None  # each image's patient; None: read from the file names
+    model_metadata: dict[str, Any] | None = None  # the evaluated model's, for the model card
+
+    def patient_ids(self) -> list[str]:
+        return list(self.patients) if self.patients is not None else [dataset.patient_id(n) for n in self.names]
 
     def predictions_table(self) -> list[dict[str, Any]]:
         threshold = self.metrics["threshold"]
@@ -253,11 +259,31 @@ class Evaluation:
         return wrong[np.argsort(-confidence)][:n].tolist()
 
 
+def trust_metrics(labels: Sequence[int], probabilities: Sequence[float], threshold: float, names: Sequence[str],
+                  patients: Sequence[str], *, operating_points: Sequence[dict[str, float]] | None = None,
+                  positive: str = "PNEUMONIA") -> dict[str, Any]:
+    """What a reviewer asks after the metrics: their 95% intervals resampling patients
+    (`uncertainty`), calibration (`calibration`), sensitivity and specificity at the model's
+    operating points (`operating_points`; chosen on these images when the model file has none),
+    sensitivity per subgroup and the metrics per patient (`subgroups`)."""
+    return {
+        "brier": calibration.brier_score(labels, probabilities),
+        "ece": calibration.expected_calibration_error(labels, probabilities),
+        "ece_method": calibration.ece_method(),
+        "ci95": uncertainty.bootstrap_intervals(labels, probabilities, threshold, patients),
+        "ci_method": uncertainty.ci_method(len(set(patients))),
+        "operating_points": operating_points_on(labels, probabilities, patients, operating_points),
+        "subgroups": subgroups.subgroup_results(labels, probabilities, threshold, names, patients, positive),
+        "per_patient": subgroups.patient_results(labels, probabilities, threshold, patients),
+    }
+
+
 def evaluate_loaded(
     model: TrainedModel, data: dataset.LoadedImages, *, device: str = "auto", precision: str = "auto", tta: bool = False
 ) -> Evaluation:
     """Score decoded images with `model` in `precision` (see `model.inference_dtype`) and compute
-    the metrics at the model's threshold; they record the precision used and the validation's."""
+    the metrics at the model's threshold, with `trust_metrics`; they record the precision computed
+    in (`compute_precision`) and the validation's."""
     torch_device = resolve_device(device)
     network = inference_network(model.network.to(torch_device))
     amp_dtype = inference_dtype(model, torch_device, precision)
@@ -265,20 +291,25 @@ def evaluate_loaded(
                                   amp_dtype=amp_dtype, tta=tta, temperature=model.temperature,
                                   bias=model.calibration_bias)
     labels = data.labels.numpy()
+    names = [r.obj.location for r in data.records]
+    patients = [r.patient for r in data.records]
     metrics = compute_metrics(labels, probs, model.threshold, class_names=data.class_names)
-    metrics["precision"] = precision_name(amp_dtype)
+    metrics.update(trust_metrics(labels, probs, model.threshold, names, patients, operating_points=model.operating_points,
+                                 positive=data.class_names[1]))
+    metrics["compute_precision"] = precision_name(amp_dtype)
     if model.validation_precision is not None:  # model files from before it was recorded say nothing
         metrics["validation_precision"] = model.validation_precision
     metrics["tta_views"] = len(config.TTA_VIEWS) if tta else 1
     metrics["class_names"] = list(data.class_names)
     metrics["skipped_images"] = len(data.skipped)
-    return Evaluation(metrics, labels, probs, [r.obj.location for r in data.records], data.class_names,
-                      data.pixels, data.skipped)
+    if model.location is not None:
+        metrics["model"] = model.location
+    return Evaluation(metrics, labels, probs, names, data.class_names, data.pixels, data.skipped, patients, model.metadata)
 
 
 def write_evaluation(evaluation: Evaluation, out: str) -> dict[str, str]:
-    """metrics.json, predictions.csv and the three pictures into `out`; returns where each went."""
-    from xraylib import plots
+    """metrics.json, predictions.csv, the four pictures and model_card.md into `out`; returns where each went."""
+    from xraylib import model_card, plots
 
     written = {}
     metrics_loc = storage.join(out, "metrics.json")
@@ -295,12 +326,15 @@ def write_evaluation(evaluation: Evaluation, out: str) -> dict[str, str]:
 
     figures = {
         "confusion_matrix": plots.confusion_matrix_figure(evaluation.metrics, evaluation.class_names),
-        "roc_curve": plots.roc_curve_figure(evaluation.labels, evaluation.probabilities),
+        "roc_curve": plots.roc_curve_figure(evaluation.labels, evaluation.probabilities, evaluation.metrics),
         "pr_curve": plots.pr_curve_figure(evaluation.labels, evaluation.probabilities),
+        "calibration": plots.reliability_figure(evaluation.labels, evaluation.probabilities, evaluation.metrics),
     }
     for name, figure in figures.items():
         written[name] = storage.join(out, f"{name}.png")
         storage.write_bytes(written[name], plots.figure_png(figure))
+    written["model_card"] = storage.join(out, config.MODEL_CARD_FILENAME)
+    storage.write_text(written["model_card"], model_card.model_card_markdown(evaluation.metrics, evaluation.model_metadata))
     return written
 
 
@@ -328,6 +362,7 @@ def evaluate_model(
     loaded = dataset.load_images(index, trained.image_size, equalize_mode=trained.equalize, skip_bad=skip_bad,
                                  progress=progress)
     evaluation = evaluate_loaded(trained, loaded, device=device, precision=precision, tta=tta)
+    evaluation.metrics["data"] = index.root
     written = write_evaluation(evaluation, out) if out is not None else {}
     names = [location.rsplit("/", 1)[-1] for location in written.values()]
     log(f"evaluated {len(evaluation.labels)} images{f' ({len(config.TTA_VIEWS)} views each)' if tta else ''} in "

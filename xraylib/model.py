@@ -6,10 +6,10 @@ S3), or from nothing.
 
 A model file holds the weights and all that is needed to use them: class names, preprocessing
 (size, contrast normalization), calibration (temperature and bias), decision threshold and the policy that
-chose it, training parameters, validation metrics, library versions. It is a
-`torch.save` archive of tensors plus one JSON string, read back with `weights_only=True`, so
-loading a file from a shared bucket can never run code. `load_model` takes a model file or the
-folder a training run wrote.
+chose it, the thresholds of the operating points (target sensitivities), training parameters,
+validation metrics, library versions. It is a `torch.save` archive of tensors plus one JSON
+string, read back with `weights_only=True`, so loading a file from a shared bucket can never run
+code. `load_model` takes a model file or the folder a training run wrote.
 """
 
 from __future__ import annotations
@@ -190,6 +190,7 @@ class TrainedModel:
 
     network: Any
     metadata: dict[str, Any]
+    location: str | None = None  # the model file it was read from, when it was read from one
 
     @property
     def class_names(self) -> tuple[str, str]:
@@ -225,6 +226,12 @@ class TrainedModel:
     def temperature(self) -> float:
         """The calibration temperature fitted on validation (1.0, none, for older model files)."""
         return float(self.metadata.get("temperature", 1.0))
+
+    @property
+    def operating_points(self) -> list[dict[str, float]] | None:
+        """[{target_sensitivity, threshold}] chosen on validation (`operating_points.choose_operating_points`);
+        None for model files from before they were stored."""
+        return self.metadata.get("operating_points")
 
     @property
     def calibration_bias(self) -> float:
@@ -301,4 +308,4 @@ def load_model(location: str, device: str = "cpu") -> TrainedModel:
     except RuntimeError as exc:
         raise ModelFileError(f"{file} holds weights that do not fit ResNet50 ({str(exc).splitlines()[-1].strip()})") from None
     network.eval().to(resolve_device(device))
-    return TrainedModel(network, metadata)
+    return TrainedModel(network, metadata, file)

@@ -8,7 +8,8 @@ temporary file with any AWS secret from the environment blanked out, and stores 
 A cell that fails raises `NotebookError` naming the cell and the exception; the executed notebook,
 with the traceback, is stored all the same.
 
-`metrics_table`, `class_counts_table` and `settings_table` are what the notebooks display.
+`metrics_table`, `class_counts_table`, `settings_table`, `operating_points_table`, `subgroups_table`
+and `comparison_table` are what the notebooks display.
 """
 
 from __future__ import annotations
@@ -372,21 +373,61 @@ METRIC_MEANINGS = {
     "f1": "harmonic mean of precision and sensitivity",
     "roc_auc": "chance a random pneumonia image scores above a random normal one (0.5 = guessing)",
     "pr_auc": "average precision over all thresholds (chance level = share of pneumonia images)",
+    "brier": "mean squared gap between the probability and the truth (0 is perfect)",
+    "ece": "expected calibration error: mean gap between probability and observed share, over 15 bins (0 is perfect)",
     "threshold": "probability of pneumonia above which an image is called pneumonia",
     "n_images": "images evaluated",
+    "n_patients": "patients evaluated",
 }
 
 
 def _format(value: Any) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
 
 
+def _interval(bounds: Sequence[Any] | None) -> str:
+    from xraylib.model_card import interval
+
+    return interval(bounds)
+
+
 def metrics_table(metrics: Mapping[str, Any], title: str = "") -> Table:
-    """The headline metrics of `compute_metrics` / `evaluate_model`, with what each means."""
-    rows = tuple((name, _format(metrics[name]), meaning) for name, meaning in METRIC_MEANINGS.items() if name in metrics)
-    return Table(("metric", "value", "meaning"), rows, title)
+    """The headline metrics of `compute_metrics` / `evaluate_model`, with what each means, and their
+    95% intervals when the metrics carry them (`ci95`)."""
+    ci = metrics.get("ci95")
+    names = [name for name in METRIC_MEANINGS if name in metrics]
+    if not ci:
+        return Table(("metric", "value", "meaning"), tuple((n, _format(metrics[n]), METRIC_MEANINGS[n]) for n in names), title)
+    rows = tuple((n, _format(metrics[n]), _interval(ci[n]) if n in ci else "", METRIC_MEANINGS[n]) for n in names)
+    return Table(("metric", "value", "95% interval", "meaning"), rows, title)
+
+
+def operating_points_table(metrics: Mapping[str, Any]) -> Table:
+    """Sensitivity and specificity at each operating point of an evaluation, with 95% intervals."""
+    points = metrics.get("operating_points") or []
+    rows = tuple((_format(p["target_sensitivity"]), _format(p["threshold"]), p["chosen_on"], _format(p.get("sensitivity")),
+                  _interval(p["ci95"].get("sensitivity")), _format(p.get("specificity")), _interval(p["ci95"].get("specificity")))
+                 for p in points)
+    return Table(("target sensitivity", "threshold", "chosen on", "sensitivity", "95% interval", "specificity",
+                  "95% interval"), rows, "operating points")
+
+
+def subgroups_table(metrics: Mapping[str, Any]) -> Table:
+    """Sensitivity per subgroup of the positive class (file names: bacteria, virus), with 95% intervals."""
+    rows = tuple((name, str(g["n_images"]), str(g["n_patients"]), _format(g.get("sensitivity")), _interval(g.get("ci95")),
+                  g.get("undefined", "")) for name, g in (metrics.get("subgroups") or {}).items())
+    return Table(("subgroup", "images", "patients", "sensitivity", "95% interval", "note"), rows, "subgroups")
+
+
+def comparison_table(comparison: Any) -> Table:
+    """Each metric of model A and model B on the same images, A minus B, and the 95% interval of
+    the difference (`compare.Comparison`)."""
+    rows = tuple((d.metric, _format(d.a), _format(d.b), _format(d.difference), _interval(d.ci95)) for d in comparison.differences)
+    return Table(("metric", "A", "B", "A - B", "95% interval of A - B"), rows, comparison.title())
 
 
 def class_counts_table(splits: Mapping[str, Any]) -> Table:
@@ -442,10 +483,13 @@ __all__ = [
     "NotebookError",
     "Table",
     "class_counts_table",
+    "comparison_table",
     "metrics_table",
     "notebook_path",
+    "operating_points_table",
     "parse_parameters",
     "predictions_table",
     "run_notebook",
     "settings_table",
+    "subgroups_table",
 ]

@@ -1,4 +1,5 @@
-"""Pictures: confusion matrix, ROC and PR curves, training curves, image grids.
+"""Pictures: confusion matrix, ROC and PR curves, reliability diagram, Grad-CAM overlays, training
+curves, image grids.
 
 Each function returns a matplotlib Figure (a notebook shows it; `figure_png` turns it into bytes
 to store). Figures are built on matplotlib's object API, so no global pyplot state or display
@@ -40,13 +41,31 @@ def confusion_matrix_figure(metrics: dict[str, Any], class_names: Sequence[str])
                     color=color, fontsize=12)
     ax.set_xticks([0, 1], labels=list(class_names))
     ax.set_yticks([0, 1], labels=list(class_names))
-    ax.set_xlabel("predicted")
+    ci = metrics.get("ci95") or {}
+    ax.set_xlabel("predicted" + "".join(
+        f"\n{name} {_value(metrics.get(name))} (95% CI {_interval(ci.get(name))})" for name in ("sensitivity", "specificity")
+        if name in ci))
     ax.set_ylabel("true")
-    ax.set_title(f"accuracy {metrics['accuracy']:.3f} at threshold {metrics['threshold']:.2f}")
+    accuracy_ci = f" (95% CI {_interval(ci['accuracy'])})" if "accuracy" in ci else ""
+    ax.set_title(f"accuracy {_value(metrics['accuracy'])}{accuracy_ci}\nat threshold {metrics['threshold']:.2f}")
     return fig
 
 
-def roc_curve_figure(labels: Sequence[int], probabilities: Sequence[float]) -> Any:
+def _value(value: Any) -> str:
+    from xraylib.model_card import number
+
+    return number(value if value is None else float(value), 3)
+
+
+def _interval(bounds: Sequence[Any] | None) -> str:
+    from xraylib.model_card import interval
+
+    return interval(bounds, 3)
+
+
+def roc_curve_figure(labels: Sequence[int], probabilities: Sequence[float], metrics: dict[str, Any] | None = None) -> Any:
+    """The ROC curve; with an evaluation's `metrics`, marked at the model's threshold and at its
+    operating points (their sensitivity and specificity on these images)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     fig = _figure(4.6, 4.0)
@@ -54,7 +73,16 @@ def roc_curve_figure(labels: Sequence[int], probabilities: Sequence[float]) -> A
     if len(set(np.asarray(labels).tolist())) == 2:
         fpr, tpr, _ = roc_curve(labels, probabilities)
         ax.plot(fpr, tpr, label=f"ROC AUC {roc_auc_score(labels, probabilities):.3f}")
-        ax.legend(loc="lower right")
+        if metrics is not None:
+            y, p = np.asarray(labels), np.asarray(probabilities)
+            marks = [(f"model threshold {metrics['threshold']:.2f}", metrics["threshold"], "o")]
+            marks += [(f"sensitivity {pt['target_sensitivity']:.2f} point ({pt['threshold']:.2f})", pt["threshold"], m)
+                      for pt, m in zip(metrics.get("operating_points") or [], "s^Dv", strict=False)]
+            for label, threshold, marker in marks:
+                called = p >= threshold
+                ax.plot([called[y == 0].mean()], [called[y == 1].mean()], marker=marker, linestyle="none", markersize=7,
+                        markerfacecolor="none", markeredgewidth=1.5, label=label)
+        ax.legend(loc="lower right", fontsize=7)
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
     ax.set_xlabel("1 - specificity (false positive rate)")
     ax.set_ylabel("sensitivity (true positive rate)")
@@ -75,6 +103,34 @@ def pr_curve_figure(labels: Sequence[int], probabilities: Sequence[float]) -> An
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel("precision")
     ax.set_title("Precision-recall curve")
+    return fig
+
+
+def reliability_figure(labels: Sequence[int], probabilities: Sequence[float], metrics: dict[str, Any] | None = None) -> Any:
+    """Reliability diagram: per equal-width bin of P(positive), the share of positive images against
+    the mean probability (the diagonal is perfect calibration), the bins' image counts below; the
+    title gives the ECE and Brier score (with intervals, from an evaluation's `metrics`)."""
+    from xraylib import calibration
+
+    bins = calibration.reliability_bins(labels, probabilities)
+    fig = _figure(4.6, 4.6)
+    curve_ax, count_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    curve_ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfectly calibrated")
+    curve_ax.bar(bins.low, bins.positive_share, width=bins.high - bins.low, align="edge", alpha=0.3, edgecolor="C0",
+                 label="share positive per bin")
+    curve_ax.plot(bins.mean_probability, bins.positive_share, marker="o", color="C0", label="at the bin's mean probability")
+    curve_ax.set_ylim(0, 1.02)
+    curve_ax.set_ylabel("share of positive images")
+    curve_ax.legend(loc="upper left", fontsize=7)
+    ci = (metrics or {}).get("ci95") or {}
+    ece = metrics.get("ece") if metrics else calibration.expected_calibration_error(labels, probabilities)
+    brier = metrics.get("brier") if metrics else calibration.brier_score(labels, probabilities)
+    curve_ax.set_title(f"ECE {_value(ece)}" + (f" ({_interval(ci['ece'])})" if "ece" in ci else "")
+                       + f", Brier {_value(brier)}" + (f" ({_interval(ci['brier'])})" if "brier" in ci else ""), fontsize=9)
+    count_ax.bar(bins.low, bins.count, width=bins.high - bins.low, align="edge", color="grey")
+    count_ax.set_xlim(0, 1)
+    count_ax.set_xlabel("predicted probability of the positive class")
+    count_ax.set_ylabel("images")
     return fig
 
 
@@ -160,3 +216,38 @@ def confident_mistakes_figure(evaluation: Any, n: int = 8) -> Any:
         fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
         return fig
     return image_grid_figure(evaluation.images[rows], titles)
+
+
+def grad_cam_figure(explanations: Sequence[Any], columns: int = 4, *, with_image: bool = False) -> Any:
+    """Each image (`explain.Explanation`) with its Grad-CAM heat map laid over it, titled with its
+    file name, the class the model gave, P(positive) and, when known, the true class; with
+    `with_image`, the plain image beside each overlay."""
+    n = len(explanations)
+    if not n:
+        fig = _figure(4, 1)
+        fig.text(0.5, 0.5, "no images to explain", ha="center", va="center")
+        return fig
+    panels = [(e, plain) for e in explanations for plain in ((True, False) if with_image else (False,))]
+    columns = max(1, min(columns * (2 if with_image else 1), len(panels)))
+    rows = -(-len(panels) // columns)
+    width = 2.8
+    fig = _figure(width * columns + 1.2, 3.1 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    titles = [f"{_file_name(e.name)}\n" + ("the image" if plain else f"said {e.predicted}, p={e.probability:.2f}")
+              + (f"\ntrue {e.true}" if e.true and not plain else "") for e, plain in panels]
+    fontsize = _fitting_fontsize(titles, width)
+    for ax in axes:
+        ax.axis("off")
+    shown = None
+    for ax, (explanation, plain), title in zip(axes, panels, titles, strict=False):
+        ax.imshow(explanation.pixels, cmap="gray", vmin=0, vmax=255)
+        if not plain:
+            shown = ax.imshow(explanation.heat, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        ax.set_title(title, fontsize=fontsize)
+    side = explanations[0].heat.shape[-1]
+    from matplotlib.cm import ScalarMappable
+
+    fig.colorbar(ScalarMappable(norm=shown.norm, cmap=shown.cmap), ax=list(axes[:len(panels)]), shrink=0.7,
+                 label=f"Grad-CAM: evidence for the class given\n(one cell per 32 px: {max(1, side // 32)} x "
+                       f"{max(1, side // 32)} at {side} px)")
+    return fig

@@ -42,6 +42,7 @@ from xraylib.model import (
     precision_name,
     resolve_device,
 )
+from xraylib.operating_points import choose_operating_points
 
 Log = Callable[[str], None]
 
@@ -134,6 +135,7 @@ def validate(network: Any, loss_fn: Any, data: dataset.LoadedImages, *, device: 
     probs = probabilities_from_logits(logits, temperature, bias)
     threshold = choose_threshold(labels, probs, threshold_policy)
     return {"loss": val_loss, "temperature": temperature, "bias": bias,
+            "operating_points": choose_operating_points(labels, probs),
             "at_half": compute_metrics(labels, probs, 0.5, data.class_names),
             "chosen": compute_metrics(labels, probs, threshold, data.class_names)}
 
@@ -390,7 +392,7 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
             metadata = model_metadata(class_names=data.index.class_names, image_size=cfg.image_size,
                                       equalize=cfg.equalize, threshold=val["chosen"]["threshold"],
                                       threshold_policy=cfg.threshold_policy, temperature=val["temperature"],
-                                      calibration_bias=val["bias"],
+                                      calibration_bias=val["bias"], operating_points=val["operating_points"],
                                       validation_precision=precision_name(amp_dtype),
                                       train_config=cfg.to_dict(),
                                       best_epoch=epoch, val_metrics=val["chosen"],

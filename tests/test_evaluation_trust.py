@@ -1,0 +1,356 @@
+"""Evaluation a reviewer can trust: patient-bootstrap intervals that cover what they claim,
+calibration measures, operating points, subgroups, per-patient results, model comparison, the
+model card, and metrics.json staying strict JSON when a class or a subgroup is missing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
+from xraylib import calibration, cli, config, dataset, storage
+from xraylib.compare import compare_evaluations
+from xraylib.evaluate import choose_threshold, evaluate_loaded, evaluate_model
+from xraylib.model import TrainedModel, build_resnet50, model_metadata, save_model
+from xraylib.operating_points import choose_operating_points, sensitivity_threshold
+from xraylib.subgroups import by_patient, subgroup_of
+from xraylib.uncertainty import bootstrap_intervals, paired_differences, point_metrics
+
+
+def strict_json(text: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def simulated_cohort(rng: np.random.Generator, patients: int, *, patient_sd: float, image_sd: float,
+                     separation: float = 1.5) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Patients of either class with 1 to 3 images each; an image's score is the class mean, plus
+    the patient's own offset (shared by its images), plus the image's noise, squashed to 0..1."""
+    labels, scores, names = [], [], []
+    for patient in range(patients):
+        label = int(patient % 2)
+        offset = rng.normal(0, patient_sd)
+        for _ in range(int(rng.integers(1, 4))):
+            labels.append(label)
+            scores.append(separation * label + offset + rng.normal(0, image_sd))
+            names.append(f"P{patient}")
+    return np.array(labels), 1 / (1 + np.exp(-np.array(scores))), names
+
+
+def test_patient_bootstrap_covers_the_true_value_at_about_the_stated_rate():
+    rng = np.random.default_rng(7)
+    patient_sd, image_sd, separation = 0.8, 0.6, 1.0
+    spread = np.hypot(patient_sd, image_sd)  # an image's score: class mean + patient + image, normal
+    # The population's values at threshold 0.5 (score 0), and ROC AUC of two independent images.
+    truth = {"sensitivity": norm.cdf(separation / spread), "specificity": 0.5,
+             "roc_auc": norm.cdf(separation / (np.sqrt(2) * spread))}
+    covered = dict.fromkeys(truth, 0)
+    datasets = 200
+    for i in range(datasets):
+        labels, probs, patients = simulated_cohort(rng, 200, patient_sd=patient_sd, image_sd=image_sd, separation=separation)
+        # Fewer resamples than evaluation's 2,000 keep the test quick; coverage does not hinge on them.
+        ci = bootstrap_intervals(labels, probs, 0.5, patients, metrics=tuple(truth), seed=i, resamples=1000)
+        for name, value in truth.items():
+            covered[name] += ci[name][0] <= value <= ci[name][1]
+    for name in truth:
+        assert 0.90 <= covered[name] / datasets <= 0.99, (name, covered[name] / datasets)
+
+
+def test_resampling_patients_is_wider_than_resampling_images_when_a_patients_images_agree():
+    rng = np.random.default_rng(3)
+    labels, probs, patients = simulated_cohort(rng, 80, patient_sd=1.0, image_sd=0.05)
+    by_patient_ci = bootstrap_intervals(labels, probs, 0.5, patients)
+    images = [f"image{i}" for i in range(len(labels))]  # every image its own group
+    by_image_ci = bootstrap_intervals(labels, probs, 0.5, images)
+    for name in ("accuracy", "sensitivity", "roc_auc"):
+        width_patient = by_patient_ci[name][1] - by_patient_ci[name][0]
+        width_image = by_image_ci[name][1] - by_image_ci[name][0]
+        assert width_patient > 1.2 * width_image, (name, width_patient, width_image)
+
+
+def test_same_seed_same_interval():
+    rng = np.random.default_rng(0)
+    labels, probs, patients = simulated_cohort(rng, 60, patient_sd=0.5, image_sd=0.5)
+    assert bootstrap_intervals(labels, probs, 0.5, patients, seed=11) == bootstrap_intervals(labels, probs, 0.5, patients,
+                                                                                              seed=11)
+    assert bootstrap_intervals(labels, probs, 0.5, patients, seed=11) != bootstrap_intervals(labels, probs, 0.5, patients,
+                                                                                              seed=12)
+
+
+def test_the_bootstraps_metrics_on_the_images_as_they_are_equal_scikit_learns():
+    rng = np.random.default_rng(5)
+    labels = (rng.random(300) < 0.6).astype(int)
+    probs = np.round(np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0, 1), 2)  # rounded: many ties
+    values = point_metrics(labels, probs, 0.5)
+    assert values["roc_auc"] == pytest.approx(roc_auc_score(labels, probs))
+    assert values["pr_auc"] == pytest.approx(average_precision_score(labels, probs))
+    assert values["brier"] == pytest.approx(brier_score_loss(labels, probs))
+    assert calibration.brier_score(labels, probs) == pytest.approx(brier_score_loss(labels, probs))
+
+
+def test_calibrated_scores_have_an_ece_near_zero_and_overconfident_ones_a_large_one():
+    rng = np.random.default_rng(1)
+    probs = rng.random(20000)
+    labels = (rng.random(20000) < probs).astype(int)  # each image is positive with exactly its probability
+    assert calibration.expected_calibration_error(labels, probs) < 0.02
+    logit = np.log(probs / (1 - probs))
+    overconfident = 1 / (1 + np.exp(-4 * logit))  # same ranking, pushed towards 0 and 1
+    assert calibration.expected_calibration_error(labels, overconfident) > 0.15
+    bins = calibration.reliability_bins(labels, probs)
+    assert bins.count.sum() == len(probs) and len(bins.count) == config.ECE_BINS
+    assert np.allclose(bins.positive_share, bins.mean_probability, atol=0.03)
+
+
+def test_a_sensitivity_threshold_finds_the_target_share_of_positives():
+    rng = np.random.default_rng(2)
+    labels = (rng.random(400) < 0.5).astype(int)
+    probs = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0, 1)
+    positives = np.sort(probs[labels == 1])
+    for target in config.OPERATING_POINT_SENSITIVITIES:
+        threshold = sensitivity_threshold(labels, probs, target)
+        assert (positives >= threshold).mean() >= target
+        above = positives[positives > threshold]  # one more positive left out: below the target
+        assert (positives > above.min()).mean() < target if len(above) else True
+        assert not np.any(probs == threshold)
+    assert choose_threshold(labels, probs, "sensitivity-0.95") == sensitivity_threshold(labels, probs, 0.95)
+    points = choose_operating_points(labels, probs)
+    assert [p["target_sensitivity"] for p in points] == [0.9, 0.95, 0.99]
+    assert points[0]["threshold"] >= points[1]["threshold"] >= points[2]["threshold"]
+
+
+def test_subgroups_and_patients_from_file_names():
+    assert subgroup_of("s3://b/test/PNEUMONIA/person1_bacteria_1.jpeg") == "bacteria"
+    assert subgroup_of("person1_virus_6.jpeg") == "virus"
+    assert subgroup_of("IM-0001-0001.jpeg") is None
+    patients, label, score = by_patient([0, 1, 0, 0], [0.2, 0.7, 0.9, 0.1], ["A", "A", "B", "B"])
+    assert patients == ["A", "B"] and label.tolist() == [1, 0] and score.tolist() == [0.7, 0.9]
+
+
+def test_paired_difference_of_a_model_with_itself_is_zero_and_a_better_model_wins():
+    rng = np.random.default_rng(4)
+    labels, good, patients = simulated_cohort(rng, 150, patient_sd=0.3, image_sd=0.3, separation=3.0)
+    noisy = 1 / (1 + np.exp(-(np.log(good / (1 - good)) + rng.normal(0, 3.0, len(good)))))
+    same = {d.metric: d for d in paired_differences(labels, {"a": (good, 0.5), "b": (good, 0.5)}, patients)}
+    assert same["roc_auc"].difference == 0 and same["roc_auc"].ci95 == [0.0, 0.0]
+    better = {d.metric: d for d in paired_differences(labels, {"a": (good, 0.5), "b": (noisy, 0.5)}, patients)}
+    assert better["roc_auc"].difference == pytest.approx(roc_auc_score(labels, good) - roc_auc_score(labels, noisy))
+    assert better["roc_auc"].ci95[0] > 0  # the interval of A - B excludes 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluations of a model on generated images
+
+
+def untrained_model(**extra) -> TrainedModel:
+    import torch
+
+    torch.manual_seed(0)
+    return TrainedModel(build_resnet50("none").eval(),
+                        model_metadata(class_names=("NORMAL", "PNEUMONIA"), image_size=32, threshold=0.5, **extra))
+
+
+@pytest.fixture(scope="module")
+def test_images(tiny_dataset) -> tuple[dataset.ImageIndex, dataset.LoadedImages]:
+    index = dataset.list_images(str(tiny_dataset), split="test")
+    return index, dataset.load_images(index, 32)
+
+
+def only(data: dataset.LoadedImages, keep) -> dataset.LoadedImages:
+    rows = [i for i, r in enumerate(data.records) if keep(r)]
+    return dataset.LoadedImages(data.pixels[rows], data.labels[rows], tuple(data.records[i] for i in rows), data.class_names)
+
+
+@pytest.mark.parametrize("missing", ["NORMAL class", "virus subgroup", "PNEUMONIA class"])
+def test_metrics_json_is_strict_when_a_class_or_a_subgroup_is_missing(tmp_path, test_images, missing):
+    from xraylib.evaluate import write_evaluation
+
+    _, data = test_images
+    keep = {"NORMAL class": lambda r: r.label == 1, "virus subgroup": lambda r: "virus" not in r.obj.relpath,
+            "PNEUMONIA class": lambda r: r.label == 0}[missing]
+    write_evaluation(evaluate_loaded(untrained_model(), only(data, keep), device="cpu"), str(tmp_path))
+    metrics = strict_json((tmp_path / "metrics.json").read_text())
+    assert set(metrics["ci95"]) == {"accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc", "brier",
+                                    "ece"}
+    assert 0 <= metrics["brier"] <= 1 and 0 <= metrics["ece"] <= 1
+    virus = metrics["subgroups"]["virus"]
+    if missing == "virus subgroup" or missing == "PNEUMONIA class":
+        assert virus["n_images"] == 0 and virus["sensitivity"] is None and "virus" in virus["undefined"]
+    if missing == "NORMAL class":
+        assert metrics["specificity"] is None and metrics["ci95"]["specificity"] == [None, None]
+        assert metrics["per_patient"]["specificity"] is None and "specificity" in metrics["per_patient"]["undefined"]
+    if missing == "PNEUMONIA class":
+        assert metrics["sensitivity"] is None and metrics["subgroups"]["bacteria"]["sensitivity"] is None
+    assert (tmp_path / "model_card.md").exists() and (tmp_path / "calibration.png").exists()
+
+
+def test_operating_points_come_from_the_model_file_and_older_files_choose_them_on_the_test_images(test_images):
+    _, data = test_images
+    older = evaluate_loaded(untrained_model(), data, device="cpu").metrics["operating_points"]
+    assert [p["chosen_on"] for p in older] == ["test images"] * 3
+    assert all(p["sensitivity"] >= p["target_sensitivity"] for p in older)  # by construction, on the same images
+    stored = [{"target_sensitivity": 0.9, "threshold": 0.3}, {"target_sensitivity": 0.95, "threshold": 0.2},
+              {"target_sensitivity": 0.99, "threshold": 0.1}]
+    points = evaluate_loaded(untrained_model(operating_points=stored), data, device="cpu").metrics["operating_points"]
+    assert [(p["threshold"], p["chosen_on"]) for p in points] == [(0.3, "validation"), (0.2, "validation"), (0.1, "validation")]
+    for p in points:
+        low, high = p["ci95"]["specificity"]
+        assert low <= p["specificity"] <= high
+
+
+def test_evaluate_writes_a_model_card_with_the_data_location_and_the_numbers_of_metrics_json(tmp_path, tiny_dataset):
+    model_file = tmp_path / "model.pt"
+    model = untrained_model(train_config={"data": "s3://bucket/chest_xray", "epochs": 3, "val_fraction": 0.15, "seed": 0},
+                            data_counts={"train": 60, "val": 10}, threshold_policy="balanced")
+    save_model(str(model_file), model.network, model.metadata)
+    out = tmp_path / "evaluation"
+    evaluate_model(str(model_file), str(tiny_dataset), str(out), device="cpu")
+    metrics = strict_json((out / "metrics.json").read_text())
+    card = (out / "model_card.md").read_text()
+    assert f"`{tiny_dataset / 'test'}`" in card and metrics["data"] == str(tiny_dataset / "test")
+    assert f"`{model_file}`" in card and "`s3://bucket/chest_xray`" in card
+    for name in ("accuracy", "sensitivity", "specificity", "roc_auc", "brier", "ece"):
+        low, high = metrics["ci95"][name]
+        assert f"| {name} | {metrics[name]:.4f} | {low:.4f} – {high:.4f} |" in card
+    for point in metrics["operating_points"]:
+        assert f"| {point['target_sensitivity']:.2f} | {point['threshold']:.4f} | {point['sensitivity']:.4f} |" in card
+    for name, group in metrics["subgroups"].items():
+        assert f"| {name} | {group['n_images']} | {group['n_patients']} |" in card
+    for heading in ("## Intended use", "## Not intended use", "## Training data and split", "## Preprocessing",
+                    "## Training parameters", "## Calibration", "## Operating points", "## Subgroups", "## Known limits"):
+        assert heading in card
+    assert "overstate results on a new cohort" in card
+
+
+def test_compare_cli_reports_paired_differences(tmp_path, tiny_dataset, capsys):
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    for seed, file in ((0, first), (1, second)):
+        import torch
+
+        torch.manual_seed(seed)
+        save_model(str(file), build_resnet50("none"), model_metadata(class_names=("NORMAL", "PNEUMONIA"), image_size=32,
+                                                                        threshold=0.5))
+    out = tmp_path / "comparison"
+    assert cli.main(["compare", "--model", str(first), "--model", str(second), "--data", str(tiny_dataset), "--out", str(out),
+                     "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    result = strict_json((out / "comparison.json").read_text())
+    assert result["n_images"] == 40 and result["a"] == str(first) and result["b"] == str(second)
+    auc = result["differences"]["roc_auc"]
+    assert auc["difference"] == pytest.approx(auc["a"] - auc["b"])
+    assert auc["ci95"][0] <= auc["difference"] <= auc["ci95"][1]
+    assert f"roc_auc      A {auc['a']:.4f}  B {auc['b']:.4f}  A-B {auc['difference']:+.4f}" in printed
+    assert cli.main(["compare", "--model", str(first), "--data", str(tiny_dataset)]) == 2
+    assert "two models" in capsys.readouterr().err
+
+
+def test_compare_a_model_with_itself_differs_by_zero(test_images):
+    _, data = test_images
+    evaluation = evaluate_loaded(untrained_model(), data, device="cpu")
+    comparison = compare_evaluations(evaluation, evaluation)
+    assert comparison.n_images == len(data) and comparison.left_out == 0
+    assert all(d.difference == 0 or d.difference != d.difference for d in comparison.differences)
+
+
+def test_explain_reads_a_model_file_and_images_from_s3_and_writes_overlays_there(bucket, tiny_dataset, capsys):
+    from PIL import Image
+
+    model = untrained_model()
+    save_model(f"s3://{bucket}/runs/model.pt", model.network, model.metadata)
+    storage.upload_directory(tiny_dataset / "val", f"s3://{bucket}/new")
+    images = [o.location for o in storage.list_objects(f"s3://{bucket}/new")][:3]
+    assert cli.main(["explain", "--model", f"s3://{bucket}/runs/model.pt", *images, "--out", f"s3://{bucket}/maps",
+                     "--device", "cpu"]) == 0
+    written = capsys.readouterr().out.split()
+    assert written == [f"s3://{bucket}/maps/{o.rsplit('/', 1)[-1].rsplit('.', 1)[0]}.gradcam.png" for o in images]
+    import io
+
+    for location in written:
+        assert Image.open(io.BytesIO(storage.read_bytes(location))).format == "PNG"
+
+
+# ---------------------------------------------------------------------------------------------
+# Grad-CAM on a network trained where the class is carried only by a blob
+
+
+BLOB_RADIUS = 14
+TILE = 64  # the training images' size, and one tile of the test mosaics
+
+
+def blob_tile(rng: np.random.Generator, positive: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A noise tile; a positive one carries a bright disk centred in one of its quadrants, chosen at random."""
+    yy, xx = np.mgrid[0:TILE, 0:TILE]
+    pixels = rng.normal(0.4, 0.12, (TILE, TILE))
+    blob = np.zeros((TILE, TILE), dtype=bool)
+    if positive:
+        cy, cx = ((16, 16), (16, 48), (48, 16), (48, 48))[rng.integers(4)]
+        blob = (yy - cy) ** 2 + (xx - cx) ** 2 < BLOB_RADIUS**2
+        pixels[blob] += 0.35
+    return (np.clip(pixels, 0, 1) * 255).astype(np.uint8), blob
+
+
+@pytest.fixture(scope="module")
+def blob_model(tmp_path_factory):
+    """A ResNet50 trained by `train` (64 px, 5 epochs, 1 thread: under a minute) on images whose
+    class is carried only by the blob."""
+    import torch
+
+    from xraylib.synthetic import encode
+    from xraylib.training import train
+
+    root = tmp_path_factory.mktemp("blobs")
+    rng = np.random.default_rng(0)
+    for cls in ("NORMAL", "PNEUMONIA"):
+        folder = root / "train" / cls
+        folder.mkdir(parents=True)
+        for i in range(80):
+            name = f"IM-{i:04d}-0001.png" if cls == "NORMAL" else f"person{i}_bacteria_{i}.png"
+            (folder / name).write_bytes(encode(blob_tile(rng, cls == "PNEUMONIA")[0], fmt="PNG"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    try:
+        train(config.make_train_config(data=str(root), out=str(root / "run"), epochs=5, image_size=TILE, batch_size=16,
+                                       weights="none", augment="none", equalize="none", device="cpu", precision="fp32",
+                                       lr=1e-3, seed=0), progress=False, log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    from xraylib.model import load_model
+
+    return load_model(str(root / "run"))
+
+
+def test_grad_cam_heat_falls_on_the_blob_that_carries_the_class(blob_model):
+    """The last conv stage has one cell per 32 px, so a 64-px image has 2 x 2 of them, and each sees
+    the whole image. The test images are therefore 128-px mosaics of four 64-px tiles, one of which
+    carries the blob: the network sees them whole (it is convolutional), and its map has 4 x 4
+    cells, of which the blob's tile holds 2 x 2. For the mosaics it calls positive, at least half
+    the heat lies in the blob's tile (a quarter of the image), and the blob holds at least twice
+    the heat its area would get from an even map."""
+    import torch
+
+    from xraylib.explain import grad_cam
+
+    rng = np.random.default_rng(1)
+    mosaics, tiles, blobs = [], [], []
+    for _ in range(24):
+        where = int(rng.integers(4))
+        parts = [blob_tile(rng, i == where) for i in range(4)]
+        mosaics.append(np.block([[parts[0][0], parts[1][0]], [parts[2][0], parts[3][0]]]))
+        blobs.append(np.block([[parts[0][1], parts[1][1]], [parts[2][1], parts[3][1]]]))
+        tile = np.zeros((2 * TILE, 2 * TILE), dtype=bool)
+        tile[where // 2 * TILE:(where // 2 + 1) * TILE, where % 2 * TILE:(where % 2 + 1) * TILE] = True
+        tiles.append(tile)
+    heat, probabilities = grad_cam(blob_model, torch.from_numpy(np.stack(mosaics)), device="cpu")
+    found = probabilities >= blob_model.threshold
+    assert found.sum() >= 4, probabilities
+    total = heat.reshape(len(heat), -1).sum(axis=1)
+    in_tile = (heat * np.stack(tiles)).reshape(len(heat), -1).sum(axis=1) / total
+    in_blob = (heat * np.stack(blobs)).reshape(len(heat), -1).sum(axis=1) / total
+    assert np.all(in_tile[found] >= 0.5), in_tile[found]
+    assert np.all(in_blob[found] >= 2 * np.stack(blobs)[0].mean()), in_blob[found]
+    assert heat.shape == (24, 2 * TILE, 2 * TILE) and heat.min() >= 0 and np.allclose(heat.max(axis=(1, 2))[found], 1)
