@@ -2,7 +2,9 @@
 
 Each subcommand parses its arguments and calls the same public function a notebook calls. A
 problem the user can fix (an `XrayError`) prints one line, `xraylib: error: ...`, and exits 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. A training stopped by SIGTERM with its checkpoint
+saved exits with `config.STOPPED_EXIT_STATUS` (143). Under torchrun (`torchrun ... -m xraylib
+train`), every process runs this same command.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from xraylib import config
-from xraylib.errors import XrayError
+from xraylib.errors import TrainingStopped, XrayError
 
 
 def cmd_upload(args: argparse.Namespace) -> None:
@@ -117,7 +119,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=config.PRECISIONS,
                    help="auto: bf16 where the hardware runs it natively (AVX-512 BF16 or AMX CPUs, GPUs from "
                         "Ampere on), fp16 with loss scaling on older GPUs (T4, V100), else fp32")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint: the last finished epoch, or the step where "
+                        f"SIGTERM stopped it (exit status {config.STOPPED_EXIT_STATUS})")
     p.add_argument("--skip-bad", action="store_true", help="skip (and report) images that cannot be decoded")
     p.set_defaults(func=cmd_train)
 
@@ -158,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         args.func(args)
+    except TrainingStopped as exc:
+        print(f"xraylib: {exc}", file=sys.stderr)
+        return config.STOPPED_EXIT_STATUS
     except XrayError as exc:
         print(f"xraylib: error: {exc}", file=sys.stderr)
         return 2

@@ -30,3 +30,8 @@ class ModelFileError(XrayError):
 
 class ConfigError(XrayError):
     """A parameter is out of range or inconsistent with another one."""
+
+
+class TrainingStopped(XrayError):
+    """A training asked to stop (SIGTERM) saved its checkpoint at a step boundary and stopped;
+    `--resume` continues from that step."""
