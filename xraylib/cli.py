@@ -52,11 +52,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from xraylib.evaluate import predict_images
+    from xraylib.predict import predict_to_csv, stream_predictions
 
+    if args.csv:
+        predict_to_csv(args.model, args.images, args.csv, skip_bad=args.skip_bad, precision=args.precision,
+                       device=args.device, log=lambda line: print(line, file=sys.stderr))
+        return
     # Predictions alone on stdout, one line each, for pipes; notes about skipped files on stderr.
-    for prediction in predict_images(args.model, args.images, skip_bad=args.skip_bad, precision=args.precision,
-                                     log=lambda line: print(line, file=sys.stderr)):
+    for prediction in stream_predictions(args.model, args.images, skip_bad=args.skip_bad, precision=args.precision,
+                                         device=args.device, log=lambda line: print(line, file=sys.stderr)):
         print(prediction)
 
 
@@ -142,6 +146,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip (and report, on stderr) images that cannot be decoded")
     p.add_argument("--precision", choices=config.PRECISIONS, default="auto",
                    help=SCORING_PRECISION_HELP)
+    p.add_argument("--csv", metavar="LOCATION",
+                   help="write image,label,probability rows to this CSV (local or s3://) as they come, instead of "
+                        "standard output; run again, it scores only the images the CSV lacks. Under torchrun every "
+                        "process scores its share and the first writes the CSV")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="where to score: cpu (default), or auto / cuda for the GPU (under torchrun, each process's own)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("run", help="execute the train or test notebook headless (papermill)")

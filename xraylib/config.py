@@ -53,6 +53,10 @@ DISTRIBUTED_TIMEOUT_S = 1800
 # A training stopped by SIGTERM (a spot interruption) after saving its checkpoint exits with this
 # status, the one a shell reports for a process ended by SIGTERM; `--resume` continues it.
 STOPPED_EXIT_STATUS = 143
+# `predict` fetches, decodes and scores this many images (per process) before the next: its memory
+# holds one chunk's pixels whatever the number of images. A multiple of EVAL_BATCH_SIZE, so a chunk
+# is scored in the batches one pass over every image would use.
+PREDICT_CHUNK_IMAGES = 512
 # `predict --csv` to S3: the CSV grows in a local file and is uploaded whole at least this often,
 # and at the end; a re-run reads the uploaded CSV and scores only the images it lacks.
 PREDICT_UPLOAD_EVERY_S = 300.0
