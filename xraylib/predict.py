@@ -171,8 +171,9 @@ def _open_csv(path: Path, shown_as: str) -> tuple[set[str], Any]:
     return done, handle
 
 
-def predict_to_csv(model: str, images: str | Path | Sequence[str | Path], csv_location: str, *, skip_bad: bool = False,
-                   precision: str = "auto", device: str = "auto", log: Callable[[str], None] = print) -> CsvReport:
+def predict_to_csv(model: str | TrainedModel, images: str | Path | Sequence[str | Path], csv_location: str, *,
+                   skip_bad: bool = False, precision: str = "auto", device: str = "auto",
+                   log: Callable[[str], None] = print) -> CsvReport:
     """Classify every image `images` names (as `predict_images` reads it) into the CSV at
     `csv_location` (local or S3; columns image, label, probability), chunk by chunk, in bounded
     memory. Images already in the CSV are not scored again, so a run that was stopped continues
@@ -197,7 +198,7 @@ def predict_to_csv(model: str, images: str | Path | Sequence[str | Path], csv_lo
             already = len(names) - len(todo)
             log(f"{len(names)} image(s): {already} already in {csv_location}, {len(todo)} to score")
         todo = distributed.broadcast_object(todo, topology)
-        trained = load_model(model, device=str(torch_device))
+        trained = load_model(model, device=str(torch_device)) if isinstance(model, str) else model
         scored = 0
         uploaded_at = time.monotonic()
         try:
