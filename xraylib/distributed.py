@@ -272,3 +272,15 @@ def rank_generator(generator: Any, topology: Topology) -> Any:
 
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     return torch.Generator().manual_seed(seed + topology.rank)
+
+
+def share_buffers(module: Any, topology: Topology) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) into `module` on every rank. Each rank's
+    last training forward pass updated its own from its own batch; DistributedDataParallel would
+    send rank 0's only at the next one, so without this the ranks would validate different models."""
+    if not topology.is_distributed:
+        return
+    import torch.distributed as dist
+
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)

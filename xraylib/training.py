@@ -475,6 +475,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, stop: 
         first_step, carried = 0, (0.0, 0)
         # With an EMA, the averaged weights are the ones validated and kept.
         kept = network if ema is None else ema.module
+        distributed.share_buffers(kept, topology)
         val = validate(kept, loss_fn, data.val, device=device, amp_dtype=amp_dtype, threshold_policy=cfg.threshold_policy,
                        topology=topology)
         seconds = time.perf_counter() - started
