@@ -334,17 +334,15 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
 
     SIGTERM (a spot interruption) stops the run at the next step boundary with its checkpoint
     saved, and raises TrainingStopped."""
-    with distributed.process_group(cfg.device) as (topology, device), distributed.StopSignal() as stop:
-        return _train(cfg, topology, device, stop, log=log if topology.is_main else _quiet,
-                      progress=progress and topology.is_main)
+    with distributed.process_group(cfg.device) as (topology, device):
+        return _train(cfg, topology, device, log=log if topology.is_main else _quiet, progress=progress and topology.is_main)
 
 
 def _quiet(line: str) -> None:
     """The log of every rank but 0: one run prints one set of lines."""
 
 
-def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, stop: distributed.StopSignal, *, log: Log,
-           progress: bool) -> TrainResult:
+def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, *, log: Log, progress: bool) -> TrainResult:
     import torch
 
     run_started = time.perf_counter()
@@ -441,78 +439,81 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, stop: 
             _save_checkpoint(checkpoint_loc, network, ema, scaler, optimizer, scheduler, generator, epoch, history, best,
                              cfg, world_size=topology.world_size, **extra)
 
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        started = time.perf_counter()
-        resumed_state = generator.get_state()
-        if first_step:  # resumed inside this epoch: draw its permutation again
-            generator.set_state(interrupted_epoch_state)
-        epoch_start_state = generator.get_state()
-        order = torch.randperm(len(data.train), generator=generator)
-        # One process augments with the generator that drew the permutation, as it always has; under torchrun
-        # every rank draws the same permutations and its own augmentations.
-        augment_generator = distributed.rank_generator(generator, topology) if topology.is_distributed else generator
-        if first_step:
-            generator.set_state(resumed_state)  # where the interrupted run's draws had got to
-        try:
-            train_loss = train_one_epoch(trained_network, optimizer, scheduler, loss_fn, data.train,
-                                         batch_size=cfg.batch_size, device=device, amp_dtype=amp_dtype, augment=cfg.augment,
-                                         generator=augment_generator, ema=ema, scaler=scaler, order=order, topology=topology,
-                                         first_step=first_step, carried=carried, stop=stop,
-                                         progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
-        except _StepBoundaryStop as stopped:
-            if stopped.steps_done == 0:  # nothing of this epoch done: the checkpoint of the one before
-                generator.set_state(epoch_start_state)
-                save_checkpoint(epoch - 1)
-            else:
-                save_checkpoint(epoch - 1, step=stopped.steps_done, epoch_generator=epoch_start_state,
-                                epoch_loss=(stopped.loss_sum, stopped.seen))
-            distributed.barrier(topology)
-            log(f"stopped by SIGTERM at step {stopped.steps_done} of {steps_per_epoch} of epoch {epoch}; "
-                f"checkpoint saved to {checkpoint_loc}")
-            raise TrainingStopped(f"stopped by SIGTERM at step {stopped.steps_done} of {steps_per_epoch} of epoch {epoch}, "
-                                  f"checkpoint saved to {checkpoint_loc}: run again with --resume to continue from there"
-                                  ) from None
-        first_step, carried = 0, (0.0, 0)
-        # With an EMA, the averaged weights are the ones validated and kept.
-        kept = network if ema is None else ema.module
-        distributed.share_buffers(kept, topology)
-        val = validate(kept, loss_fn, data.val, device=device, amp_dtype=amp_dtype, threshold_policy=cfg.threshold_policy,
-                       topology=topology)
-        seconds = time.perf_counter() - started
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
-               "val_roc_auc": val["chosen"]["roc_auc"], "val_accuracy": val["at_half"]["accuracy"],
-               "val_sensitivity": val["at_half"]["sensitivity"], "val_specificity": val["at_half"]["specificity"],
-               "lr": scheduler.get_last_lr()[0], "seconds": seconds}
-        # What this epoch's model would be saved with: the threshold chosen on validation, and the
-        # accuracy there (val_accuracy, sensitivity and specificity above are at 0.5, for comparisons).
-        row.update(val_threshold=val["chosen"]["threshold"], val_accuracy_at_threshold=val["chosen"]["accuracy"])
-        history.append(row)
-        improved = is_better_epoch(row, best)
-        log(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
-            f"val ROC AUC {row['val_roc_auc']:.4f}  val accuracy {row['val_accuracy_at_threshold']:.4f} "
-            f"at threshold {row['val_threshold']:.3f}  "
-            f"{seconds:.0f}s{'  (best so far)' if improved else ''}")
-        if improved:
-            best = {"epoch": epoch, "roc_auc": row["val_roc_auc"], "val_loss": row["val_loss"], "metrics": val["chosen"]}
-            metadata = model_metadata(class_names=data.index.class_names, image_size=cfg.image_size,
-                                      equalize=cfg.equalize, threshold=val["chosen"]["threshold"],
-                                      threshold_policy=cfg.threshold_policy, temperature=val["temperature"],
-                                      calibration_bias=val["bias"],
-                                      validation_precision=precision_name(amp_dtype),
-                                      train_config=cfg.to_dict(),
-                                      best_epoch=epoch, val_metrics=val["chosen"],
-                                      **({"sizing": sizing.to_dict()} if sizing is not None else {}),
-                                      data_counts={"train": len(data.train), "val": len(data.val)})
+    # SIGTERM is noted from here on, and acted on at a step boundary; before, there is nothing to save
+    # and it ends the process at once.
+    with distributed.StopSignal() as stop:
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            started = time.perf_counter()
+            resumed_state = generator.get_state()
+            if first_step:  # resumed inside this epoch: draw its permutation again
+                generator.set_state(interrupted_epoch_state)
+            epoch_start_state = generator.get_state()
+            order = torch.randperm(len(data.train), generator=generator)
+            # One process augments with the generator that drew the permutation, as it always has; under torchrun
+            # every rank draws the same permutations and its own augmentations.
+            augment_generator = distributed.rank_generator(generator, topology) if topology.is_distributed else generator
+            if first_step:
+                generator.set_state(resumed_state)  # where the interrupted run's draws had got to
+            try:
+                train_loss = train_one_epoch(trained_network, optimizer, scheduler, loss_fn, data.train,
+                                             batch_size=cfg.batch_size, device=device, amp_dtype=amp_dtype, augment=cfg.augment,
+                                             generator=augment_generator, ema=ema, scaler=scaler, order=order, topology=topology,
+                                             first_step=first_step, carried=carried, stop=stop,
+                                             progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
+            except _StepBoundaryStop as stopped:
+                if stopped.steps_done == 0:  # nothing of this epoch done: the checkpoint of the one before
+                    generator.set_state(epoch_start_state)
+                    save_checkpoint(epoch - 1)
+                else:
+                    save_checkpoint(epoch - 1, step=stopped.steps_done, epoch_generator=epoch_start_state,
+                                    epoch_loss=(stopped.loss_sum, stopped.seen))
+                distributed.barrier(topology)
+                log(f"stopped by SIGTERM at step {stopped.steps_done} of {steps_per_epoch} of epoch {epoch}; "
+                    f"checkpoint saved to {checkpoint_loc}")
+                raise TrainingStopped(f"stopped by SIGTERM at step {stopped.steps_done} of {steps_per_epoch} of epoch {epoch}, "
+                                      f"checkpoint saved to {checkpoint_loc}: run again with --resume to continue from there"
+                                      ) from None
+            first_step, carried = 0, (0.0, 0)
+            # With an EMA, the averaged weights are the ones validated and kept.
+            kept = network if ema is None else ema.module
+            distributed.share_buffers(kept, topology)
+            val = validate(kept, loss_fn, data.val, device=device, amp_dtype=amp_dtype, threshold_policy=cfg.threshold_policy,
+                           topology=topology)
+            seconds = time.perf_counter() - started
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+                   "val_roc_auc": val["chosen"]["roc_auc"], "val_accuracy": val["at_half"]["accuracy"],
+                   "val_sensitivity": val["at_half"]["sensitivity"], "val_specificity": val["at_half"]["specificity"],
+                   "lr": scheduler.get_last_lr()[0], "seconds": seconds}
+            # What this epoch's model would be saved with: the threshold chosen on validation, and the
+            # accuracy there (val_accuracy, sensitivity and specificity above are at 0.5, for comparisons).
+            row.update(val_threshold=val["chosen"]["threshold"], val_accuracy_at_threshold=val["chosen"]["accuracy"])
+            history.append(row)
+            improved = is_better_epoch(row, best)
+            log(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
+                f"val ROC AUC {row['val_roc_auc']:.4f}  val accuracy {row['val_accuracy_at_threshold']:.4f} "
+                f"at threshold {row['val_threshold']:.3f}  "
+                f"{seconds:.0f}s{'  (best so far)' if improved else ''}")
+            if improved:
+                best = {"epoch": epoch, "roc_auc": row["val_roc_auc"], "val_loss": row["val_loss"], "metrics": val["chosen"]}
+                metadata = model_metadata(class_names=data.index.class_names, image_size=cfg.image_size,
+                                          equalize=cfg.equalize, threshold=val["chosen"]["threshold"],
+                                          threshold_policy=cfg.threshold_policy, temperature=val["temperature"],
+                                          calibration_bias=val["bias"],
+                                          validation_precision=precision_name(amp_dtype),
+                                          train_config=cfg.to_dict(),
+                                          best_epoch=epoch, val_metrics=val["chosen"],
+                                          **({"sizing": sizing.to_dict()} if sizing is not None else {}),
+                                          data_counts={"train": len(data.train), "val": len(data.val)})
+                if topology.is_main:
+                    storage.write_bytes(model_loc, model_to_bytes(kept, metadata))
+            save_checkpoint(epoch)
             if topology.is_main:
-                storage.write_bytes(model_loc, model_to_bytes(kept, metadata))
-        save_checkpoint(epoch)
-        if topology.is_main:
-            _write_history(out, history)
-        if epoch < cfg.epochs and distributed.agree(stop.requested, topology, device):
-            distributed.barrier(topology)
-            log(f"stopped by SIGTERM after epoch {epoch}; checkpoint saved to {checkpoint_loc}")
-            raise TrainingStopped(f"stopped by SIGTERM after epoch {epoch}, checkpoint saved to {checkpoint_loc}: "
-                                  "run again with --resume to continue from there")
+                _write_history(out, history)
+            if epoch < cfg.epochs and distributed.agree(stop.requested, topology, device):
+                distributed.barrier(topology)
+                log(f"stopped by SIGTERM after epoch {epoch}; checkpoint saved to {checkpoint_loc}")
+                raise TrainingStopped(f"stopped by SIGTERM after epoch {epoch}, checkpoint saved to {checkpoint_loc}: "
+                                      "run again with --resume to continue from there")
 
     if sizing is not None:
         log(f"trained in {(time.perf_counter() - run_started) / 60:.1f} min of the {sizing.budget_s / 60:.0f} min budget "
