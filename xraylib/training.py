@@ -8,12 +8,15 @@ threshold on validation. With `ema_decay`, an exponential moving average of the 
 gets validated and kept. It writes into the output location:
 
 - `model.pt`: the best model so far, with its metadata (see `model.py`);
-- `checkpoint.pt`: the state after the last finished epoch, for `resume` (which refuses
-  settings that would change what is learned: `check_resume_config`);
+- `checkpoint.pt`: the state after the last finished epoch, or at the step where SIGTERM (a
+  spot interruption) stopped the run, for `resume` (which refuses settings that would change
+  what is learned: `check_resume_config`);
 - `history.json` (written first, so that an output location that cannot be written to fails
   at once) and `training_curves.png`.
 
 Every file is written whole or not at all, so a run killed at any moment resumes cleanly.
+Started by torchrun, every process runs `train` and they train one model together
+(`distributed.py`: shards, gathered validation); rank 0 alone writes these files and logs.
 """
 
 from __future__ import annotations
