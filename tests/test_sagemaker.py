@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Processes per instance when the entry point runs under torchrun. Until `xraylib train` is
 # distributed (DDP, issue 14 part 1), two processes would each train the whole model into the same
 # folder; flip this to 2 once it is.
-TORCHRUN_PROCESSES = 1
+TORCHRUN_PROCESSES = 2
 # The launcher's credentials, of its own (moto takes any): locals3.py's, in the uploaded source, would be found.
 SECRETS = (f"AKIA{uuid.uuid4().hex[:16].upper()}", f"secret-{uuid.uuid4().hex}")
 TINY_JOB = ["--epochs", "2", "--image-size", "32", "--batch-size", "16", "--weights", "none", "--seed", "3"]

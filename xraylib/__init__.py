@@ -7,7 +7,8 @@ use of a function that needs them. The public functions, by stage:
 - data: `list_images`, `split_by_patient`, `decode_image`, `load_images`       (dataset.py)
 - model: `build_resnet50`, `load_model`, `save_model`                          (model.py)
 - training: `make_train_config`, `train`                                        (config.py, training.py)
-- evaluation: `evaluate_model`, `predict_images`, `compute_metrics`             (evaluate.py)
+- evaluation: `evaluate_model`, `compute_metrics`                               (evaluate.py)
+- prediction: `predict_images`, `predict_to_csv`                                (predict.py)
 - trust: `bootstrap_intervals` (uncertainty.py), `compare_models` (compare.py),
   `explain_images`, `grad_cam` (explain.py), `model_card_markdown` (model_card.py)
 - pictures: `confusion_matrix_figure`, `roc_curve_figure`, ...                  (plots.py)
@@ -28,7 +29,8 @@ _EXPORTS = {
     "model": ["build_resnet50", "load_model", "save_model"],
     "config": ["make_train_config", "TrainConfig", "PRESETS"],
     "training": ["train"],
-    "evaluate": ["evaluate_model", "predict_images", "compute_metrics", "choose_threshold"],
+    "evaluate": ["evaluate_model", "compute_metrics", "choose_threshold"],
+    "predict": ["predict_images", "predict_to_csv"],
     "uncertainty": ["bootstrap_intervals"],
     "compare": ["compare_models"],
     "explain": ["explain_images", "grad_cam"],
@@ -42,7 +44,7 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
         return getattr(importlib.import_module(f"xraylib.{_WHERE[name]}"), name)
-    if name in _EXPORTS or name in ("cli", "demo", "notebooks", "locals3"):
+    if name in _EXPORTS or name in ("cli", "demo", "notebooks", "locals3", "distributed"):
         return importlib.import_module(f"xraylib.{name}")
     raise AttributeError(f"module 'xraylib' has no attribute {name!r}")
 

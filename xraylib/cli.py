@@ -3,7 +3,9 @@ sagemaker train.
 
 Each subcommand parses its arguments and calls the same public function a notebook calls. A
 problem the user can fix (an `XrayError`) prints one line, `xraylib: error: ...`, and exits 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. A training stopped by SIGTERM with its checkpoint
+saved exits with `config.STOPPED_EXIT_STATUS` (143). Under torchrun (`torchrun ... -m xraylib
+train`), every process runs this same command.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from xraylib import config
-from xraylib.errors import ConfigError, XrayError
+from xraylib.errors import ConfigError, TrainingStopped, XrayError
 
 
 def cmd_upload(args: argparse.Namespace) -> None:
@@ -64,11 +66,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from xraylib.evaluate import predict_images
+    from xraylib.predict import predict_to_csv, stream_predictions
 
+    if args.csv:
+        predict_to_csv(args.model, args.images, args.csv, skip_bad=args.skip_bad, precision=args.precision,
+                       device=args.device, log=lambda line: print(line, file=sys.stderr))
+        return
     # Predictions alone on stdout, one line each, for pipes; notes about skipped files on stderr.
-    for prediction in predict_images(args.model, args.images, skip_bad=args.skip_bad, precision=args.precision,
-                                     log=lambda line: print(line, file=sys.stderr)):
+    for prediction in stream_predictions(args.model, args.images, skip_bad=args.skip_bad, precision=args.precision,
+                                         device=args.device, log=lambda line: print(line, file=sys.stderr)):
         print(prediction)
 
 
@@ -157,7 +163,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a ResNet50 on the train/ split of a dataset")
     add_train_flags(p, data_help="dataset root (holding train/) or a folder of class folders",
                     out_help="where model.pt, checkpoint.pt and history go",
-                    resume_help="continue the run in --out from its last finished epoch")
+                    resume_help="continue the run in --out from its checkpoint: the last finished epoch, or the step where "
+                              f"SIGTERM stopped it (exit status {config.STOPPED_EXIT_STATUS})")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics and pictures of a model on the test/ split")
@@ -177,6 +184,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip (and report, on stderr) images that cannot be decoded")
     p.add_argument("--precision", choices=config.PRECISIONS, default="auto",
                    help=SCORING_PRECISION_HELP)
+    p.add_argument("--csv", metavar="LOCATION",
+                   help="write image,label,probability rows to this CSV (local or s3://) as they come, instead of "
+                        "standard output; run again, it scores only the images the CSV lacks. Under torchrun every "
+                        "process scores its share and the first writes the CSV")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="where to score: cpu (default), or auto / cuda for the GPU (under torchrun, each process's own)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="Grad-CAM heat maps: where the network looks, one overlay PNG per image")
@@ -238,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         args.func(args)
+    except TrainingStopped as exc:
+        print(f"xraylib: {exc}", file=sys.stderr)
+        return config.STOPPED_EXIT_STATUS
     except XrayError as exc:
         print(f"xraylib: error: {exc}", file=sys.stderr)
         return 2

@@ -45,6 +45,21 @@ S3_MIN_BYTES_PER_SECOND = 1_000_000
 S3_CONNECT_TIMEOUT = 10.0
 S3_READ_TIMEOUT = 30.0  # botocore's wait for the next bytes of an answer
 EVAL_BATCH_SIZE = 64
+# Under torchrun: how long a rank waits in a collective (a barrier, a gradient exchange) for a peer
+# that is alive but does not come, before the job fails. A dead peer ends the job at once (torchrun
+# stops the others); this covers a stuck one, and must exceed the time one process per node takes
+# to download and decode every image while the others wait.
+DISTRIBUTED_TIMEOUT_S = 1800
+# A training stopped by SIGTERM (a spot interruption) after saving its checkpoint exits with this
+# status, the one a shell reports for a process ended by SIGTERM; `--resume` continues it.
+STOPPED_EXIT_STATUS = 143
+# `predict` fetches, decodes and scores this many images (per process) before the next: its memory
+# holds one chunk's pixels whatever the number of images. A multiple of EVAL_BATCH_SIZE, so a chunk
+# is scored in the batches one pass over every image would use.
+PREDICT_CHUNK_IMAGES = 512
+# `predict --csv` to S3: the CSV grows in a local file and is uploaded whole at least this often,
+# and at the end; a re-run reads the uploaded CSV and scores only the images it lacks.
+PREDICT_UPLOAD_EVERY_S = 300.0
 # On a CPU, inference runs fastest when a batch's activations stay in the caches. Measured with
 # the folded ResNet50 on 2 cores: the best batch was about 32 at 96 px, 16-24 at 128 px and 8 at
 # 224 px (13.7 against 11.2 img/s for batch 64), so a CPU batch holds about this many pixels.

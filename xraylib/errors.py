@@ -34,3 +34,8 @@ class ConfigError(XrayError):
 
 class TrainingJobError(XrayError):
     """A SageMaker training job cannot be started (no region, no role, no matching container), or it failed."""
+
+
+class TrainingStopped(XrayError):
+    """A training asked to stop (SIGTERM) saved its checkpoint at a step boundary and stopped;
+    `--resume` continues from that step."""

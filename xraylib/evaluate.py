@@ -6,9 +6,9 @@ specificity, precision, F1, ROC AUC and PR AUC at a threshold, plus the confusio
 rows true and columns predicted, labelled with the class names. `choose_threshold` picks the
 threshold on validation data. `trust_metrics` adds what a reviewer asks next: 95% intervals
 resampling patients, calibration, operating points, subgroups and per-patient results (each from
-its own module). `evaluate_model` and `predict_images` are what the test notebook and the CLI
-call; `write_evaluation` stores metrics.json (`metrics_json`: strict JSON, null, not NaN), the
-predictions, the pictures and the model card.
+its own module). `evaluate_model` is what the test notebook and the CLI call (`predict_images`,
+for unlabelled images, lives in predict.py); `write_evaluation` stores metrics.json
+(`metrics_json`: strict JSON, null, not NaN), the predictions, the pictures and the model card.
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from xraylib import calibration, config, dataset, storage, subgroups, uncertainty
-from xraylib.errors import DatasetError
 from xraylib.model import (
     TrainedModel,
     autocast,
@@ -370,44 +368,5 @@ def evaluate_model(
     return evaluation
 
 
-@dataclass(frozen=True)
-class Prediction:
-    image: str
-    label: str
-    probability: float  # of the positive class
-
-    def __str__(self) -> str:
-        return f"{self.image}\t{self.label}\t{self.probability:.4f}"
-
-
-def predict_images(model: str | TrainedModel, images: str | Path | Sequence[str | Path], *, skip_bad: bool = False,
-                   precision: str = "auto", log: Callable[[str], None] = print) -> list[Prediction]:
-    """Classify images, local or S3: `images` is one location or several, each an image file, or a
-    folder or prefix that stands for every image below it. Probability is of the positive class. A
-    bad image raises ImageDecodeError naming it, unless `skip_bad`, which leaves it out and reports
-    it via `log`. `precision` as in `evaluate_model`."""
-    import torch
-
-    locations = [images] if isinstance(images, str | Path) else images  # one string is one location, not its letters
-    names, ignored = dataset.find_images([str(i) for i in locations])
-    if ignored:
-        log(f"ignored {len(ignored)} non-image file(s)")
-    if not names:
-        return []  # nothing asked for (the test notebook's default)
-    trained = load_model(model) if isinstance(model, str) else model
-    kept, skipped = dataset.decode_each(
-        lambda location: dataset.equalize(dataset.decode_image(storage.read_bytes(location), trained.image_size, location),
-                                          trained.equalize),
-        names, skip_bad=skip_bad)
-    dataset.report_skipped(skipped, log)
-    if not kept:
-        raise DatasetError(f"none of the {len(names)} images could be decoded: the reasons are listed above")
-    pixels = torch.from_numpy(np.stack([r for _, r in kept]))
-    # Folding the batch norms costs a fraction of a second: worth it for a batch, not for one image.
-    network = inference_network(trained.network) if len(kept) >= 16 else trained.network
-    device = next(trained.network.parameters()).device
-    probs = predict_probabilities(network, pixels, mean=trained.mean, std=trained.std, temperature=trained.temperature,
-                                  bias=trained.calibration_bias,
-                                  amp_dtype=inference_dtype(trained, device, precision))
-    return [Prediction(name, trained.class_names[int(p >= trained.threshold)], float(p))
-            for (name, _), p in zip(kept, probs.tolist(), strict=True)]
+# Scoring unlabelled images moved to predict.py; notebooks and older code import these from here.
+from xraylib.predict import Prediction, predict_images  # noqa: E402, F401

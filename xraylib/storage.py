@@ -536,6 +536,39 @@ def cache_path(obj: ObjectInfo, cache_dir: Path, kind: str = "objects") -> Path:
     return cache_dir / kind / name[:2] / f"{name}-{version}"
 
 
+def upload_file(path: Path, location: str) -> None:
+    """Copy the local file `path` to `location` whole, streamed from disk (S3 multipart for a large
+    file), so that memory does not grow with the file."""
+    import shutil
+
+    if not is_remote(location):
+        target = Path(location).expanduser()
+        part = target.with_name(f".{target.name}.part")
+        shutil.copyfile(path, part)
+        os.replace(part, target)
+        return
+    from boto3.exceptions import S3UploadFailedError
+
+    bucket, key = parse_s3(location)
+    if not key:
+        raise LocationError(f"{location} names a bucket, not an object: add a key")
+    client = _S3.client
+    try:
+        _S3._call(location, lambda: client.upload_file(str(path), bucket, key, ExtraArgs={"ChecksumAlgorithm": "CRC32"}))
+    except S3UploadFailedError as exc:
+        raise LocationError(f"cannot upload {path} to {location}: {exc}; check the bucket and your permissions") from None
+
+
+def download_file(location: str, path: Path) -> None:
+    """Copy the object at `location` into the local file `path`, streamed to disk, whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    bucket, key = parse_s3(location)
+    client = _S3.client
+    _S3._call(location, lambda: client.download_file(bucket, key, str(part)))
+    os.replace(part, path)
+
+
 def write_cache_file(path: Path, data: bytes) -> None:
     """Store one cache entry whole, or fail saying how to point the cache somewhere writable."""
     try:

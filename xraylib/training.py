@@ -8,12 +8,15 @@ threshold on validation. With `ema_decay`, an exponential moving average of the 
 gets validated and kept. It writes into the output location:
 
 - `model.pt`: the best model so far, with its metadata (see `model.py`);
-- `checkpoint.pt`: the state after the last finished epoch, for `resume` (which refuses
-  settings that would change what is learned: `check_resume_config`);
+- `checkpoint.pt`: the state after the last finished epoch, or at the step where SIGTERM (a
+  spot interruption) stopped the run, for `resume` (which refuses settings that would change
+  what is learned: `check_resume_config`);
 - `history.json` (written first, so that an output location that cannot be written to fails
   at once) and `training_curves.png`.
 
 Every file is written whole or not at all, so a run killed at any moment resumes cleanly.
+Started by torchrun, every process runs `train` and they train one model together
+(`distributed.py`: shards, gathered validation); rank 0 alone writes these files and logs.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from xraylib import budget, config, dataset, storage
+from xraylib import budget, config, dataset, distributed, storage
 from xraylib.config import TrainConfig
-from xraylib.errors import ConfigError, ModelFileError
+from xraylib.errors import ConfigError, ModelFileError, TrainingStopped
 from xraylib.evaluate import choose_threshold, compute_metrics, fit_calibration, predict_logits, probabilities_from_logits
 from xraylib.model import (
     autocast,
@@ -40,11 +43,18 @@ from xraylib.model import (
     model_metadata,
     model_to_bytes,
     precision_name,
-    resolve_device,
 )
 from xraylib.operating_points import choose_operating_points
 
 Log = Callable[[str], None]
+
+
+class _StepBoundaryStop(Exception):
+    """Raised by `train_one_epoch` at a step boundary after a stop was asked for."""
+
+    def __init__(self, steps_done: int, loss_sum: float, seen: int) -> None:
+        super().__init__(steps_done)
+        self.steps_done, self.loss_sum, self.seen = steps_done, loss_sum, seen
 
 
 def train_one_epoch(
@@ -62,30 +72,50 @@ def train_one_epoch(
     ema: Any = None,
     scaler: Any = None,
     progress: str | None = None,
+    order: Any = None,
+    topology: distributed.Topology = distributed.SINGLE,
+    first_step: int = 0,
+    carried: tuple[float, int] = (0.0, 0),
+    stop: distributed.StopSignal | None = None,
 ) -> float:
     """One pass over `data` in a random order, augmented at level `augment` (`config.AUGMENT_LEVELS`);
     returns the mean training loss. `ema`, a
     `torch.optim.swa_utils.AveragedModel` of `network`, is updated after every step; `scaler`,
-    a `torch.amp.GradScaler`, scales the loss (needed with float16)."""
+    a `torch.amp.GradScaler`, scales the loss (needed with float16).
+
+    `order` is the epoch's permutation (drawn from `generator` when not given), which `topology`
+    shares out among torchrun's ranks (`distributed.step_rows`); `network` is then the
+    DistributedDataParallel one. A resumed epoch starts at `first_step`, its loss so far `carried`
+    as (sum, images). When `stop` is asked for, the ranks stop together at the next step boundary
+    and raise `_StepBoundaryStop` with the steps done and the loss so far."""
     import torch
 
     network.train()
     # Summed where the loss is: reading it back makes the CPU wait for a GPU, so that happens rarely.
     total, seen = torch.zeros((), device=device), 0
-    batches = dataset.iter_batches(data, batch_size, shuffle=True, generator=generator)
-    steps = -(-len(data) // batch_size)
+    order = torch.randperm(len(data), generator=generator) if order is None else order
+    steps = distributed.step_rows(order, batch_size, topology)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=progress, unit="batch", leave=True)  # a finished bar stays, with its count and time
+        bar = tqdm(total=len(steps), initial=first_step, desc=progress, unit="batch", leave=True)
+
+    def loss_so_far() -> tuple[float, int]:
+        loss_sum, images = distributed.sum_over_ranks([float(total), float(seen)], topology, device)
+        return carried[0] + loss_sum, carried[1] + int(images)
+
     with warnings.catch_warnings():
         # The scaler skips the first steps while it finds its scale; the schedule counts them all
         # the same, so PyTorch's warning that the optimizer has not stepped yet is moot.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-        for pixels, labels, _ in batches:
-            if len(labels) < 2:
+        for step in range(first_step, len(steps)):
+            if stop is not None and distributed.agree(stop.requested, topology, device):
+                raise _StepBoundaryStop(step, *loss_so_far())
+            rows = steps[step]
+            if distributed.smallest_part(len(order), batch_size, topology, step) < 2:
                 continue  # BatchNorm cannot train on a batch of one
+            pixels, labels = data.pixels[rows], data.labels[rows]
             x = pixels.to(device, non_blocking=True)  # uint8, 4x smaller to move than floats; augmented there
             x = dataset.augment_batch(x, generator, augment) if augment != "none" else x
             x = dataset.to_model_input(x, config.IMAGENET_MEAN, config.IMAGENET_STD)
@@ -102,39 +132,48 @@ def train_one_epoch(
                 scaler.update()
             scheduler.step()
             if ema is not None:
-                ema.update_parameters(network)
+                ema.update_parameters(network.module if topology.is_distributed else network)
             total += loss.detach() * len(labels)
             seen += len(labels)
             if bar is not None:
                 bar.update(1)
-                if bar.n % 10 == 0 or bar.n == steps:
-                    bar.set_postfix(loss=f"{float(total) / seen:.4f}")
+                if bar.n % 10 == 0 or bar.n == len(steps):
+                    bar.set_postfix(loss=f"{float(total) / max(seen, 1):.4f}")
     if bar is not None:
         bar.close()
-    mean_loss = float(total) / max(seen, 1)
+    loss_sum, images = loss_so_far()
+    mean_loss = loss_sum / max(images, 1)
     if not math.isfinite(mean_loss):
         raise ConfigError("training loss became NaN or infinite: lower the learning rate (--lr)")
     return mean_loss
 
 
 def validate(network: Any, loss_fn: Any, data: dataset.LoadedImages, *, device: Any, amp_dtype: Any,
-             threshold_policy: str) -> dict[str, Any]:
+             threshold_policy: str, topology: distributed.Topology = distributed.SINGLE) -> dict[str, Any]:
     """Validation loss, the calibration (temperature and bias) fitted here, and metrics at threshold 0.5 and
     at the threshold `threshold_policy` picks on these images (on calibrated probabilities).
 
     Scored with the batch norms folded, as `evaluate` and `predict` score: faster, and the
-    threshold is chosen on the very numbers those will compute."""
+    threshold is chosen on the very numbers those will compute. Under torchrun each rank scores
+    its share of the images and every rank computes the metrics from all of them (in `logits`)."""
     import torch
 
-    logits = predict_logits(inference_network(network), data.pixels, mean=config.IMAGENET_MEAN, std=config.IMAGENET_STD,
-                            device=device, amp_dtype=amp_dtype)
+    folded = inference_network(network)
+    if topology.is_distributed:
+        rows = distributed.rows_of_rank(len(data), topology)
+        mine = predict_logits(folded, data.pixels[rows], mean=config.IMAGENET_MEAN, std=config.IMAGENET_STD,
+                              device=device, amp_dtype=amp_dtype)
+        logits = distributed.gather_rows(mine, rows.numpy(), len(data), topology, device)
+    else:
+        logits = predict_logits(folded, data.pixels, mean=config.IMAGENET_MEAN, std=config.IMAGENET_STD,
+                                device=device, amp_dtype=amp_dtype)
     labels = data.labels.numpy()
     margins = torch.from_numpy(logits).float()
     val_loss = float(loss_fn(torch.stack([torch.zeros_like(margins), margins], dim=1).to(device), data.labels.to(device)))
     temperature, bias = fit_calibration(labels, logits)
     probs = probabilities_from_logits(logits, temperature, bias)
     threshold = choose_threshold(labels, probs, threshold_policy)
-    return {"loss": val_loss, "temperature": temperature, "bias": bias,
+    return {"loss": val_loss, "temperature": temperature, "bias": bias, "logits": logits,
             "operating_points": choose_operating_points(labels, probs),
             "at_half": compute_metrics(labels, probs, 0.5, data.class_names),
             "chosen": compute_metrics(labels, probs, threshold, data.class_names)}
@@ -293,8 +332,22 @@ def size_training_run(cfg: TrainConfig, *, n_images: int, device: Any, elapsed_s
 
 
 def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> TrainResult:
-    """Run a whole training as `cfg` says; with `cfg.resume`, continue from the last finished epoch.
-    With `cfg.time_budget`, the image size and epochs are first sized to fill it (`budget.py`)."""
+    """Run a whole training as `cfg` says; with `cfg.resume`, continue from the last checkpoint (an
+    epoch's end, or the step where SIGTERM stopped it). With `cfg.time_budget`, the image size and
+    epochs are first sized to fill it (`budget.py`). Started by torchrun, every process trains one
+    model together (`distributed.py`); only rank 0 writes files and logs.
+
+    SIGTERM (a spot interruption) stops the run at the next step boundary with its checkpoint
+    saved, and raises TrainingStopped."""
+    with distributed.process_group(cfg.device) as (topology, device):
+        return _train(cfg, topology, device, log=log if topology.is_main else _quiet, progress=progress and topology.is_main)
+
+
+def _quiet(line: str) -> None:
+    """The log of every rank but 0: one run prints one set of lines."""
+
+
+def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, *, log: Log, progress: bool) -> TrainResult:
     import torch
 
     run_started = time.perf_counter()
@@ -312,12 +365,22 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
                 measured["precision"] = saved["precision"]
             cfg = dataclasses.replace(cfg, **measured)
         check_resume_config(saved, cfg, out)
+        trained_on = int(checkpoint.get("world_size", 1))
+        if trained_on != topology.world_size:
+            # The one-cycle schedule counts global steps, and a step is one batch from every process.
+            raise ConfigError(f"the checkpoint in {out} was trained on {trained_on} process(es), this run has "
+                              f"{topology.world_size}: resume with the same number (torchrun --nnodes x --nproc_per_node), "
+                              "or start a new run with a new --out")
+    elif cfg.time_budget is not None and topology.is_distributed:
+        raise ConfigError("a time budget is measured on one process: under torchrun pass --image-size and --epochs instead "
+                          "of --time-budget (or --preset cpu)")
     history: list[dict[str, Any]] = json.loads(checkpoint["history_json"]) if checkpoint is not None else []
     # Written first, so that an --out that cannot be written to fails before any decoding or training.
-    _write_history_json(out, history)
+    if topology.is_main:
+        _write_history_json(out, history)
 
-    device = resolve_device(cfg.device)
-    index = dataset.list_images(cfg.data, split="train")
+    index = distributed.broadcast_object(dataset.list_images(cfg.data, split="train") if topology.is_main else None,
+                                         topology)
     sizing = None
     if cfg.time_budget is not None and checkpoint is None:
         sizing = size_training_run(cfg, n_images=len(index), device=device, elapsed_s=time.perf_counter() - run_started)
@@ -326,14 +389,17 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
         log(sizing.describe())
 
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg.data, image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                     skip_bad=cfg.skip_bad, equalize=cfg.equalize, index=index, log=log, progress=progress)
-    network = build_resnet50(cfg.weights, freeze_backbone=cfg.freeze_backbone)
+    # One process per node downloads and decodes (and fetches pretrained weights); the others then read its caches.
+    with distributed.local_main_first(topology):
+        data = load_data(cfg.data, image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                         skip_bad=cfg.skip_bad, equalize=cfg.equalize, index=index, log=log, progress=progress)
+        network = build_resnet50(cfg.weights, freeze_backbone=cfg.freeze_backbone)
     optimizer, amp_dtype, scaler = set_up_training(network, device=device, precision=cfg.precision, lr=cfg.lr,
                                                    weight_decay=cfg.weight_decay)
+    trained_network = distributed.wrap(network, topology, device)
     loss_fn = torch.nn.CrossEntropyLoss(weight=_class_weights(data.train.labels).to(device),
                                         label_smoothing=cfg.label_smoothing)
-    steps_per_epoch = -(-len(data.train) // cfg.batch_size)
+    steps_per_epoch = -(-len(data.train) // (cfg.batch_size * topology.world_size))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                     pct_start=0.15)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -343,7 +409,7 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
 
         ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     best = {"epoch": 0, "roc_auc": -1.0, "val_loss": math.inf, "metrics": {}}
-    first_epoch = 1
+    first_epoch, first_step, carried, interrupted_epoch_state = 1, 0, (0.0, 0), None
     if checkpoint is not None:
         network.load_state_dict(checkpoint["model"])
         if ema is not None:
@@ -358,49 +424,101 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
         generator.set_state(checkpoint["generator"])
         best = json.loads(checkpoint["best_json"])
         first_epoch = int(checkpoint["epoch"]) + 1
-        log(f"resuming {out} after epoch {first_epoch - 1}")
+        first_step = int(checkpoint.get("step", 0))
+        if first_step:
+            interrupted_epoch_state = checkpoint["epoch_generator"]
+            carried = (float(checkpoint["epoch_loss_sum"]), int(checkpoint["epoch_loss_images"]))
+            log(f"resuming {out} at step {first_step} of {steps_per_epoch} of epoch {first_epoch}")
+        else:
+            log(f"resuming {out} after epoch {first_epoch - 1}")
     start = {"none": "from scratch", "imagenet": "from ImageNet weights"}.get(cfg.weights, f"from the weights in {cfg.weights}")
+    batch = (f"batch {cfg.batch_size} per process x {topology.world_size} processes = global batch "
+             f"{cfg.batch_size * topology.world_size}" if topology.is_distributed else f"batch {cfg.batch_size}")
     log(f"training ResNet50 {start} on {device.type}"
         f"{' with ' + str(amp_dtype).removeprefix('torch.') if amp_dtype else ''}"
         f"{' and loss scaling' if scaler is not None else ''}, {cfg.epochs} epochs, "
-        f"{cfg.image_size}px, batch {cfg.batch_size}")
+        f"{cfg.image_size}px, {batch}")
 
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        started = time.perf_counter()
-        train_loss = train_one_epoch(network, optimizer, scheduler, loss_fn, data.train, batch_size=cfg.batch_size,
-                                     device=device, amp_dtype=amp_dtype, augment=cfg.augment, generator=generator,
-                                     ema=ema, scaler=scaler, progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
-        # With an EMA, the averaged weights are the ones validated and kept.
-        kept = network if ema is None else ema.module
-        val = validate(kept, loss_fn, data.val, device=device, amp_dtype=amp_dtype, threshold_policy=cfg.threshold_policy)
-        seconds = time.perf_counter() - started
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
-               "val_roc_auc": val["chosen"]["roc_auc"], "val_accuracy": val["at_half"]["accuracy"],
-               "val_sensitivity": val["at_half"]["sensitivity"], "val_specificity": val["at_half"]["specificity"],
-               "lr": scheduler.get_last_lr()[0], "seconds": seconds}
-        # What this epoch's model would be saved with: the threshold chosen on validation, and the
-        # accuracy there (val_accuracy, sensitivity and specificity above are at 0.5, for comparisons).
-        row.update(val_threshold=val["chosen"]["threshold"], val_accuracy_at_threshold=val["chosen"]["accuracy"])
-        history.append(row)
-        improved = is_better_epoch(row, best)
-        log(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
-            f"val ROC AUC {row['val_roc_auc']:.4f}  val accuracy {row['val_accuracy_at_threshold']:.4f} "
-            f"at threshold {row['val_threshold']:.3f}  "
-            f"{seconds:.0f}s{'  (best so far)' if improved else ''}")
-        if improved:
-            best = {"epoch": epoch, "roc_auc": row["val_roc_auc"], "val_loss": row["val_loss"], "metrics": val["chosen"]}
-            metadata = model_metadata(class_names=data.index.class_names, image_size=cfg.image_size,
-                                      equalize=cfg.equalize, threshold=val["chosen"]["threshold"],
-                                      threshold_policy=cfg.threshold_policy, temperature=val["temperature"],
-                                      calibration_bias=val["bias"], operating_points=val["operating_points"],
-                                      validation_precision=precision_name(amp_dtype),
-                                      train_config=cfg.to_dict(),
-                                      best_epoch=epoch, val_metrics=val["chosen"],
-                                      **({"sizing": sizing.to_dict()} if sizing is not None else {}),
-                                      data_counts={"train": len(data.train), "val": len(data.val)})
-            storage.write_bytes(model_loc, model_to_bytes(kept, metadata))
-        _save_checkpoint(checkpoint_loc, network, ema, scaler, optimizer, scheduler, generator, epoch, history, best, cfg)
-        _write_history(out, history)
+    def save_checkpoint(epoch: int, **extra: Any) -> None:
+        if topology.is_main:
+            _save_checkpoint(checkpoint_loc, network, ema, scaler, optimizer, scheduler, generator, epoch, history, best,
+                             cfg, world_size=topology.world_size, **extra)
+
+    # SIGTERM is noted from here on, and acted on at a step boundary; before, there is nothing to save
+    # and it ends the process at once.
+    with distributed.StopSignal() as stop:
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            started = time.perf_counter()
+            resumed_state = generator.get_state()
+            if first_step:  # resumed inside this epoch: draw its permutation again
+                generator.set_state(interrupted_epoch_state)
+            epoch_start_state = generator.get_state()
+            order = torch.randperm(len(data.train), generator=generator)
+            # One process augments with the generator that drew the permutation, as it always has; under torchrun
+            # every rank draws the same permutations and its own augmentations.
+            augment_generator = distributed.rank_generator(generator, topology) if topology.is_distributed else generator
+            if first_step:
+                generator.set_state(resumed_state)  # where the interrupted run's draws had got to
+            try:
+                train_loss = train_one_epoch(trained_network, optimizer, scheduler, loss_fn, data.train,
+                                             batch_size=cfg.batch_size, device=device, amp_dtype=amp_dtype, augment=cfg.augment,
+                                             generator=augment_generator, ema=ema, scaler=scaler, order=order, topology=topology,
+                                             first_step=first_step, carried=carried, stop=stop,
+                                             progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
+            except _StepBoundaryStop as stopped:
+                if stopped.steps_done == 0:  # nothing of this epoch done: the checkpoint of the one before
+                    generator.set_state(epoch_start_state)
+                    save_checkpoint(epoch - 1)
+                else:
+                    save_checkpoint(epoch - 1, step=stopped.steps_done, epoch_generator=epoch_start_state,
+                                    epoch_loss=(stopped.loss_sum, stopped.seen))
+                distributed.barrier(topology)
+                log(f"stopped by SIGTERM at step {stopped.steps_done} of {steps_per_epoch} of epoch {epoch}; "
+                    f"checkpoint saved to {checkpoint_loc}")
+                raise TrainingStopped(f"stopped by SIGTERM at step {stopped.steps_done} of {steps_per_epoch} of epoch {epoch}, "
+                                      f"checkpoint saved to {checkpoint_loc}: run again with --resume to continue from there"
+                                      ) from None
+            first_step, carried = 0, (0.0, 0)
+            # With an EMA, the averaged weights are the ones validated and kept.
+            kept = network if ema is None else ema.module
+            distributed.share_buffers(kept, topology)
+            val = validate(kept, loss_fn, data.val, device=device, amp_dtype=amp_dtype, threshold_policy=cfg.threshold_policy,
+                           topology=topology)
+            seconds = time.perf_counter() - started
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+                   "val_roc_auc": val["chosen"]["roc_auc"], "val_accuracy": val["at_half"]["accuracy"],
+                   "val_sensitivity": val["at_half"]["sensitivity"], "val_specificity": val["at_half"]["specificity"],
+                   "lr": scheduler.get_last_lr()[0], "seconds": seconds}
+            # What this epoch's model would be saved with: the threshold chosen on validation, and the
+            # accuracy there (val_accuracy, sensitivity and specificity above are at 0.5, for comparisons).
+            row.update(val_threshold=val["chosen"]["threshold"], val_accuracy_at_threshold=val["chosen"]["accuracy"])
+            history.append(row)
+            improved = is_better_epoch(row, best)
+            log(f"epoch {epoch}/{cfg.epochs}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  "
+                f"val ROC AUC {row['val_roc_auc']:.4f}  val accuracy {row['val_accuracy_at_threshold']:.4f} "
+                f"at threshold {row['val_threshold']:.3f}  "
+                f"{seconds:.0f}s{'  (best so far)' if improved else ''}")
+            if improved:
+                best = {"epoch": epoch, "roc_auc": row["val_roc_auc"], "val_loss": row["val_loss"], "metrics": val["chosen"]}
+                metadata = model_metadata(class_names=data.index.class_names, image_size=cfg.image_size,
+                                          equalize=cfg.equalize, threshold=val["chosen"]["threshold"],
+                                          threshold_policy=cfg.threshold_policy, temperature=val["temperature"],
+                                          calibration_bias=val["bias"], operating_points=val["operating_points"],
+                                          validation_precision=precision_name(amp_dtype),
+                                          train_config=cfg.to_dict(),
+                                          best_epoch=epoch, val_metrics=val["chosen"],
+                                          **({"sizing": sizing.to_dict()} if sizing is not None else {}),
+                                          data_counts={"train": len(data.train), "val": len(data.val)})
+                if topology.is_main:
+                    storage.write_bytes(model_loc, model_to_bytes(kept, metadata))
+            save_checkpoint(epoch)
+            if topology.is_main:
+                _write_history(out, history)
+            if epoch < cfg.epochs and distributed.agree(stop.requested, topology, device):
+                distributed.barrier(topology)
+                log(f"stopped by SIGTERM after epoch {epoch}; checkpoint saved to {checkpoint_loc}")
+                raise TrainingStopped(f"stopped by SIGTERM after epoch {epoch}, checkpoint saved to {checkpoint_loc}: "
+                                      "run again with --resume to continue from there")
 
     if sizing is not None:
         log(f"trained in {(time.perf_counter() - run_started) / 60:.1f} min of the {sizing.budget_s / 60:.0f} min budget "
@@ -412,7 +530,11 @@ def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> Train
 
 
 def _save_checkpoint(location: str, network: Any, ema: Any, scaler: Any, optimizer: Any, scheduler: Any, generator: Any,
-                     epoch: int, history: list[dict[str, Any]], best: dict[str, Any], cfg: TrainConfig) -> None:
+                     epoch: int, history: list[dict[str, Any]], best: dict[str, Any], cfg: TrainConfig, *,
+                     world_size: int = 1, step: int = 0, epoch_generator: Any = None,
+                     epoch_loss: tuple[float, int] = (0.0, 0)) -> None:
+    """After `epoch` finished epochs, and `step` steps of the next one (SIGTERM), whose permutation
+    `epoch_generator` draws again and whose loss so far is `epoch_loss` (sum, images)."""
     import torch
 
     buffer = io.BytesIO()
@@ -420,6 +542,9 @@ def _save_checkpoint(location: str, network: Any, ema: Any, scaler: Any, optimiz
                 **({"scaler": scaler.state_dict()} if scaler is not None else {}),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "epoch": epoch,
+                "world_size": world_size, "step": step,
+                **({"epoch_generator": epoch_generator, "epoch_loss_sum": epoch_loss[0], "epoch_loss_images": epoch_loss[1]}
+                   if step else {}),
                 "history_json": json.dumps(history), "best_json": json.dumps(best),
                 "config_json": json.dumps(cfg.to_dict())}, buffer)
     storage.write_bytes(location, buffer.getvalue())
