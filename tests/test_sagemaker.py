@@ -35,9 +35,8 @@ from xraylib.sagemaker import job_hyperparameters, parse_hyperparameters
 pytest.importorskip("sagemaker.train", reason="needs the SageMaker SDK: pip install 'xraylib[sagemaker]'")
 
 ROOT = Path(__file__).resolve().parents[1]
-# Processes per instance when the entry point runs under torchrun. Until `xraylib train` is
-# distributed (DDP, issue 14 part 1), two processes would each train the whole model into the same
-# folder; flip this to 2 once it is.
+# Processes per instance when the entry point runs under torchrun: two, as on a 2-GPU instance
+# (gloo on the CPU here), training one model together.
 TORCHRUN_PROCESSES = 2
 # The launcher's credentials, of its own (moto takes any): locals3.py's, in the uploaded source, would be found.
 SECRETS = (f"AKIA{uuid.uuid4().hex[:16].upper()}", f"secret-{uuid.uuid4().hex}")
