@@ -43,7 +43,7 @@ from xraylib.notebooks import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PARAMETERS = {f.name for f in dataclasses.fields(config.TrainConfig)}  # every knob, as in the CLI
-TEST_PARAMETERS = {"model", "data", "out", "tta", "new_images"}
+TEST_PARAMETERS = {"model", "data", "out", "tta", "new_images", *config.LABEL_OPTIONS}
 METRIC_KEYS = {"accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc", "threshold", "n_images",
                "confusion_matrix", "class_names"}
 SECRET = locals3.LOCAL_ENV["AWS_SECRET_ACCESS_KEY"]
