@@ -61,14 +61,14 @@ def read_patient(data: bytes, name: str) -> str | None:
 
 def supported_transfer_syntaxes() -> list[str]:
     """The names of the transfer syntaxes whose pixel data this installation decodes."""
+    from pydicom.pixels import get_decoder
     from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS
-    from pydicom.pixels.utils import get_decoder
 
     return [uid.name for uid in _PIXEL_DATA_DECODERS if get_decoder(uid).is_available]
 
 
 def _check_decodable(ds: Any, name: str) -> None:
-    from pydicom.pixels.utils import get_decoder
+    from pydicom.pixels import get_decoder
     from pydicom.uid import UID
 
     meta = getattr(ds, "file_meta", None)
