@@ -371,7 +371,7 @@ def _decode_object(obj: storage.ObjectInfo, image_size: int, equalize_mode: str,
 # the disk used (NIH's 112,120 images at 224 px are 5.6 GB of pixels) and cost a file-system lookup
 # per image read. The price: another set of images (one image added or changed) is decoded again
 # into a file of its own, from the object cache (no S3 request); the old file stays in the cache.
-@dataclass
+@dataclass(eq=False)
 class DecodedFile:
     """The decoded, equalized pixels of a set of objects in one file in the cache: row i, of
     image_size x image_size bytes, is `objects[i]` (sorted by location). Beside it, a BLAKE2b digest
@@ -538,7 +538,14 @@ def _build_decoded(paths: dict[str, Path], objects: tuple[storage.ObjectInfo, ..
             digests[row] = np.frombuffer(_pixels_digest(pixels), np.uint8)
             return None
 
-        reasons = storage.parallel_map(decode, range(n), progress=progress)
+        # A task per run of rows, not per image: a pending task costs memory (about 2 KB), which for
+        # 100,000 images would be what the file saves; runs short enough to keep every worker busy.
+        step = max(1, min(256, n // (config.S3_WORKERS * 4)))
+        starts = range(0, n, step)
+        label = f"{progress} ({step} a step)" if progress and step > 1 else progress
+        reasons = [reason for chunk in storage.parallel_map(
+            lambda start: [decode(row) for row in range(start, min(start + step, n))], starts, progress=label)
+            for reason in chunk]
         os.fsync(fd)
     except BaseException:
         os.close(fd)
