@@ -465,7 +465,7 @@ def test_failing_cell_exits_non_zero_naming_the_cell(trained):
     assert len(errors) == 1, result.stderr[-3000:]
     assert result.stderr.rstrip().endswith(errors[0])
     message = errors[0]
-    assert "train_classifier.ipynb cell 5 (`display(class_counts_table(" in message
+    assert "train_classifier.ipynb cell 5 (`index = index_images(cfg.data" in message
     assert "DatasetError: no files found in s3://" in message
     executed = f"{out}/train_classifier.executed.ipynb"
     assert message.endswith(f"the executed notebook is at {executed}")

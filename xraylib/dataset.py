@@ -527,6 +527,12 @@ def _build_decoded(paths: dict[str, Path], objects: tuple[storage.ObjectInfo, ..
     try:
         os.ftruncate(fd, n * row_bytes)
 
+        bar, counted = None, threading.Lock()
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc=progress, unit="item", leave=True)  # as storage.parallel_map's bars
+
         def decode(row: int) -> str | None:
             try:
                 pixels = _decode_object(objects[row], image_size, equalize_mode, cache_dir)
@@ -536,16 +542,21 @@ def _build_decoded(paths: dict[str, Path], objects: tuple[storage.ObjectInfo, ..
                 raise
             os.pwrite(fd, pixels.tobytes(), row * row_bytes)
             digests[row] = np.frombuffer(_pixels_digest(pixels), np.uint8)
+            if bar is not None:
+                with counted:
+                    bar.update(1)
             return None
 
         # A task per run of rows, not per image: a pending task costs memory (about 2 KB), which for
         # 100,000 images would be what the file saves; runs short enough to keep every worker busy.
         step = max(1, min(256, n // (config.S3_WORKERS * 4)))
-        starts = range(0, n, step)
-        label = f"{progress} ({step} a step)" if progress and step > 1 else progress
-        reasons = [reason for chunk in storage.parallel_map(
-            lambda start: [decode(row) for row in range(start, min(start + step, n))], starts, progress=label)
-            for reason in chunk]
+        try:
+            reasons = [reason for chunk in storage.parallel_map(
+                lambda start: [decode(row) for row in range(start, min(start + step, n))], range(0, n, step))
+                for reason in chunk]
+        finally:
+            if bar is not None:
+                bar.close()
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -584,7 +595,7 @@ def decoded_file(objects: Sequence[storage.ObjectInfo], image_size: int, *, equa
             found = _open_decoded(paths, ordered, image_size, equalize_mode, cache_dir)
             if found is None:
                 _build_decoded(paths, ordered, image_size, equalize_mode, cache_dir, skip_bad=skip_bad,
-                               progress="decoding images" if progress else None)
+                               progress="loading images" if progress else None)
                 found = _open_decoded(paths, ordered, image_size, equalize_mode, cache_dir)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
