@@ -427,11 +427,12 @@ class DecodedFile:
 
     def _repair(self, row: int) -> np.ndarray:
         pixels = _decode_object(self.objects[row], self.image_size, self.equalize_mode, self.cache_dir)
-        fd = os.open(self.path, os.O_WRONLY)
-        try:
-            os.pwrite(fd, pixels.tobytes(), row * self.row_bytes)
-        finally:
-            os.close(fd)
+        with contextlib.suppress(OSError):  # a cache that cannot be written to is read, and repaired each time
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, pixels.tobytes(), row * self.row_bytes)
+            finally:
+                os.close(fd)
         return pixels
 
     def __del__(self) -> None:
@@ -520,7 +521,16 @@ def _build_decoded(paths: dict[str, Path], objects: tuple[storage.ObjectInfo, ..
     """Decode every object into a temporary file, then rename it (and its digests) into place and
     write the sidecar last. Each image goes straight to its row: nothing is held in memory. A bad
     image stops it at once (its name in the error) unless `skip_bad`."""
+    import shutil
+
     n, row_bytes = len(objects), image_size * image_size
+    folder = paths["pixels"].parent
+    for stale in folder.glob(f".{paths['pixels'].name}.*.part"):  # left by a build that was killed (we hold the lock)
+        stale.unlink(missing_ok=True)
+    needed, free = n * row_bytes, shutil.disk_usage(folder).free
+    if needed > free:
+        raise LocationError(f"the decoded images need {needed / 1e9:.2f} GB in {folder} and only {free / 1e9:.2f} GB are "
+                            "free: free some, or set XRAYLIB_CACHE_DIR to a folder on a larger disk")
     tmp = paths["pixels"].with_name(f".{paths['pixels'].name}.{os.getpid()}.part")
     digests = np.zeros((n, _DIGEST_SIZE), np.uint8)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
@@ -558,9 +568,12 @@ def _build_decoded(paths: dict[str, Path], objects: tuple[storage.ObjectInfo, ..
             if bar is not None:
                 bar.close()
         os.fsync(fd)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise LocationError(f"cannot write the decoded images to {tmp} ({exc.strerror or exc}): check that the disk "
+                                "has room, or set XRAYLIB_CACHE_DIR to another folder") from None
         raise
     os.close(fd)
     storage.write_cache_file(paths["sums"], digests.tobytes())
