@@ -24,7 +24,7 @@ import csv
 import dataclasses
 import io
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from xraylib import config, dataset, storage
@@ -95,23 +95,30 @@ def _resolve_columns(table: LabelTable, header: Sequence[str]) -> _Columns:
                     chosen["split_column"], layout)
 
 
-def read_table(location: str) -> tuple[list[str], list[dict[str, str]]]:
-    """The header and rows of the CSV at `location`."""
+def read_table(location: str) -> tuple[list[str], Iterator[list[str]]]:
+    """The header of the CSV at `location`, and its rows as they are read (cells stripped): a caller
+    keeps only the cells it needs, not NIH's 112,120 rows of 11 cells."""
     raw = storage.read_bytes(location)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise DatasetError(f"{location} is not a UTF-8 text table: save the labels as CSV") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    if not header:
-        raise DatasetError(f"{location} is empty: it should be a CSV with a header row")
-    reader.fieldnames = header
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+        header = [h.strip() for h in next(reader, [])]
     except csv.Error as exc:
         raise DatasetError(f"{location} cannot be read as CSV ({exc}): check its format") from None
-    return header, rows
+    if not any(header):
+        raise DatasetError(f"{location} is empty: it should be a CSV with a header row")
+
+    def rows() -> Iterator[list[str]]:
+        try:
+            for row in reader:
+                yield [cell.strip() for cell in row]
+        except csv.Error as exc:
+            raise DatasetError(f"{location} cannot be read as CSV (line {reader.line_num}: {exc}): check its format") from None
+
+    return header, rows()
 
 
 def is_positive(cell: str, positive: str) -> bool:
@@ -193,8 +200,15 @@ def list_labelled_images(data: str, table: LabelTable, split: str | None = None)
     unmatched: dict[str, list[str]] = {key: [] for key in (ROWS_WITHOUT_IMAGE, AMBIGUOUS_ROWS, ROWS_WITHOUT_LABEL)}
     named: set[str] = set()  # every image some row names, labelled or not
     found: dict[str, _Entry] = {}
+    where_is = {name: header.index(name) for name in {columns.image, columns.label, columns.patient, columns.split} if name}
+
+    def cell_of(row: list[str], name: str | None) -> str:
+        return row[where_is[name]] if name and where_is[name] < len(row) else ""
+
     for line, row in enumerate(rows, start=2):
-        cell = row.get(columns.image, "")
+        if not any(row):
+            continue  # a blank line
+        cell = cell_of(row, columns.image)
         match = finder.find(cell)
         where = f"{table_name} line {line}: {cell or '(empty)'}"
         if match is None:
@@ -204,16 +218,16 @@ def list_labelled_images(data: str, table: LabelTable, split: str | None = None)
             unmatched[AMBIGUOUS_ROWS].append(f"{where} ({len(match)} files)")
             continue
         named.add(match.location)
-        label = row.get(columns.label, "")
+        label = cell_of(row, columns.label)
         if not label:
             unmatched[ROWS_WITHOUT_LABEL].append(where)
             continue
         entry = found.setdefault(match.location, _Entry(match))
         entry.positive = entry.positive or is_positive(label, columns.positive)
-        if columns.patient and row.get(columns.patient) and entry.patient is None:
-            entry.patient = row[columns.patient]
+        if entry.patient is None and cell_of(row, columns.patient):
+            entry.patient = cell_of(row, columns.patient)
         if columns.split:
-            entry.splits.add(row.get(columns.split, "").casefold())
+            entry.splits.add(cell_of(row, columns.split).casefold())
 
     # A file with no extension that no row names is an image only if it is DICOM: look before counting it.
     no_row = [o for o in candidates if o.location not in named]
