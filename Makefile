@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Override for another platform, e.g. TORCH="torch torchvision" (the CPU or CUDA build you want).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-browser test-slow lint lab clean
+.PHONY: install demo test test-browser test-slow test-floors lint lab clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-browser: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
+
+# The suite with every runtime dependency at its floor in pyproject.toml (a fresh venv; downloads torch).
+test-floors:
+	$(PYTHON) tools/check_floors.py
 
 lint: install
 	$(BIN)/ruff check xraylib tests benchmarks

@@ -169,7 +169,11 @@ def test_equalization_temperature_and_policy_travel_in_the_model_file_to_evaluat
     assert evaluate_loaded(model, result.data.val, precision="fp32").metrics["precision"] == "fp32"
     assert model.equalize == "histogram"
     assert model.metadata["threshold_policy"] == "equal-error"
-    assert model.temperature > 0 and model.temperature != 1.0
+    # A calibration fitted on validation is stored; only a network that ranks the classes backwards,
+    # as a 2-epoch run may with another torch, keeps the identity (1, 0), by design.
+    assert model.temperature > 0
+    if result.val_metrics["roc_auc"] > 0.5:
+        assert (model.temperature, model.calibration_bias) != (1.0, 0.0)
     assert model.threshold == pytest.approx(result.val_metrics["threshold"])
 
     # evaluate and predict decode, equalize and calibrate as training's validation did: the same

@@ -44,6 +44,8 @@ from xraylib.notebooks import (
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PARAMETERS = {f.name for f in dataclasses.fields(config.TrainConfig)}  # every knob, as in the CLI
 TEST_PARAMETERS = {"model", "data", "out", "tta", "new_images", *config.LABEL_OPTIONS}
+# The SageMaker notebook: every training knob, and the job's (as `xraylib sagemaker train` takes them).
+JOB_PARAMETERS = {"instance_type", "instance_count", "spot", "max_run", "max_wait", "role", "image_uri"}
 METRIC_KEYS = {"accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc", "threshold", "n_images",
                "confusion_matrix", "class_names"}
 SECRET = locals3.LOCAL_ENV["AWS_SECRET_ACCESS_KEY"]
@@ -71,7 +73,7 @@ def outputs_of(nb: nbformat.NotebookNode) -> list[dict]:
 # The committed notebooks
 
 
-@pytest.mark.parametrize("name", ["train", "test"])
+@pytest.mark.parametrize("name", ["train", "test", "sagemaker"])
 def test_notebook_shape(name):
     nb = load(name)
     nbformat.validate(nb)
@@ -96,6 +98,7 @@ def test_notebook_parameters():
     assert set(notebook_parameters(notebook_path("train"))) == TRAIN_PARAMETERS
     assert notebook_parameters(notebook_path("train"))["preset"] is None
     assert set(notebook_parameters(notebook_path("test"))) == TEST_PARAMETERS
+    assert set(notebook_parameters(notebook_path("sagemaker"))) == TRAIN_PARAMETERS | JOB_PARAMETERS
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +121,7 @@ def kernel_metadata() -> dict:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", ["train", "test"])
+@pytest.mark.parametrize("name", ["train", "test", "sagemaker"])
 def test_notebooks_are_saved_as_jupyterlab_saves_them(name, kernel_metadata):
     """Opened and left untouched, a notebook is not marked modified: JupyterLab sets the kernel's
     metadata (a change when it differs from the file's) and jupyter_server writes it with
@@ -498,7 +501,7 @@ def test_kernel_is_this_python_and_secrets_are_blanked(s3_server, tmp_path, monk
     text = output.read_text()
     assert SECRET not in text and "***" in text
     executed = nbformat.reads(text, as_version=4)
-    assert executed.cells[1].outputs[0].text.splitlines()[0] == sys.executable
+    assert executed.cells[1].outputs[0].text.splitlines()[0] == os.path.normpath(sys.executable)
     assert os.environ["JUPYTER_PATH"] == str(tmp_path / "jupyter")  # restored
 
 
@@ -513,6 +516,7 @@ def test_jupyter_lab_lists_the_notebooks(tmp_path):
         notebooks = {item["name"]: item["type"] for item in listing["content"]}
         assert notebooks["train_classifier.ipynb"] == "notebook"
         assert notebooks["test_classifier.ipynb"] == "notebook"
+        assert notebooks["sagemaker_training_job.ipynb"] == "notebook"
         opened = lab.get("/api/contents/notebooks/train_classifier.ipynb")
         assert opened["content"]["metadata"]["kernelspec"]["name"] == "python3"
         unauthorized = urllib.request.Request(lab.url + "/api/contents/notebooks")

@@ -54,6 +54,10 @@ def test_environment_yml_matches_pyproject():
     assert "playwright" in env_names & test
     # The packages the design names are there.
     assert {"jupyterlab", "torch", "torchvision", "boto3", "matplotlib", "scikit-learn", "papermill"} <= env_names
+    # The floors are the same in both (tools/check_floors.py checks pyproject.toml's by installing them).
+    env_specs = {requirement_name(p): p.replace(" ", "") for p in pip if p not in installs_xraylib}
+    for requirement in pyproject()["project"]["dependencies"]:
+        assert env_specs[requirement_name(requirement)] == requirement.replace(" ", ""), requirement
 
 
 def test_dockerfile_base_image_is_pinned():
@@ -110,3 +114,15 @@ def test_readme_covers_the_workflow():
                    "--weights", "## Results on real chest X-rays", "## Performance", "docs/demo_confusion_matrix.png"):
         assert needed in readme, needed
     assert (ROOT / "docs" / "demo_confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_floor_pins_are_the_oldest_release_each_requirement_admits():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_floors", ROOT / "tools" / "check_floors.py")
+    check_floors = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_floors)
+    assert check_floors.floor_pins(["torch>=2.4", "numpy>=1.26.0", "moto[server]>=5", "x<2"]) == [
+        "torch==2.4.0", "numpy==1.26.0", "moto[server]==5.0.0", "x<2"]
+    pins = check_floors.floor_pins(pyproject()["project"]["dependencies"])
+    assert all("==" in pin for pin in pins), "every runtime dependency has a floor that tools/check_floors.py installs"

@@ -1,4 +1,4 @@
-"""Write notebooks/train_classifier.ipynb and notebooks/test_classifier.ipynb from the cells below.
+"""Write notebooks/train_classifier.ipynb, test_classifier.ipynb and sagemaker_training_job.ipynb from the cells below.
 
 The notebooks are committed without outputs. Edit them here and run
 `.venv/bin/python tools/build_notebooks.py`; `--check` exits 1 when the committed files differ
@@ -35,24 +35,9 @@ LANGUAGE_INFO = {
     "file_extension": ".py",
 }
 
-TRAIN = [
-    ("markdown", """# Train the pneumonia classifier
-
-Trains a ResNet50 to tell NORMAL from PNEUMONIA chest X-rays. The data is the Kaggle
-*Chest X-Ray Images (Pneumonia)* layout, `train/<NORMAL|PNEUMONIA>/*.jpeg`, in a local folder or
-under an `s3://bucket/prefix`. A validation split is held out from `train/` by patient; the model
-of the epoch with the best validation ROC AUC (on a tie, the lower validation loss) is saved to
-`out` as `model.pt`, with its decision threshold, next to `checkpoint.pt`, `history.json` and
-`training_curves.png`.
-
-Set the parameters below and run all cells, or run the notebook headless:
-`xraylib run train -p data s3://BUCKET/chest_xray -p out s3://BUCKET/runs/resnet50 -p epochs 3`.
-S3 credentials come from the environment (AWS profile, SageMaker role), never from this notebook."""),
-    ("parameters", """# Where the images are and where the results go: a local folder or s3://bucket/prefix.
-data = "chest_xray"  # the dataset root, holding train/NORMAL and train/PNEUMONIA
-out = "runs/resnet50"  # model.pt, checkpoint.pt, history.json and training_curves.png go here
-
-# None takes the default from xraylib.config, or from the preset.
+# The training knobs of a parameters cell, one per TrainConfig field but data, out and resume (each
+# notebook says what those mean for it): the train notebook and the SageMaker one share them.
+TRAIN_KNOBS = """# None takes the default from xraylib.config, or from the preset.
 preset = None  # "cpu" (small, from scratch) or "gpu" (ImageNet weights, 224 px)
 epochs = None
 image_size = None  # pixels per side
@@ -72,7 +57,6 @@ seed = None
 device = None  # "auto", "cpu" or "cuda"
 precision = None  # "auto", "fp32", "bf16" or "fp16"
 skip_bad = None  # True skips (and reports) images that cannot be decoded
-resume = None  # True continues the run in `out` from its last finished epoch
 
 # Labels from a table instead of class folders: a CSV (local or s3://) naming images below `data`.
 # NIH ChestX-ray14's Data_Entry_2017.csv and RSNA's stage_2_train_labels.csv need no more than this.
@@ -81,7 +65,27 @@ image_column = None  # the column naming each image (a path below `data`, with o
 label_column = None  # the column of labels ("Infiltration|Pneumonia" lists several)
 positive = None  # the label of the positive class
 patient_column = None  # the column naming the patient (the validation split keeps each on one side)
-split_column = None  # a column saying train or test; training reads the train rows"""),
+split_column = None  # a column saying train or test; training reads the train rows
+"""
+
+TRAIN = [
+    ("markdown", """# Train the pneumonia classifier
+
+Trains a ResNet50 to tell NORMAL from PNEUMONIA chest X-rays. The data is the Kaggle
+*Chest X-Ray Images (Pneumonia)* layout, `train/<NORMAL|PNEUMONIA>/*.jpeg`, in a local folder or
+under an `s3://bucket/prefix`. A validation split is held out from `train/` by patient; the model
+of the epoch with the best validation ROC AUC (on a tie, the lower validation loss) is saved to
+`out` as `model.pt`, with its decision threshold, next to `checkpoint.pt`, `history.json` and
+`training_curves.png`.
+
+Set the parameters below and run all cells, or run the notebook headless:
+`xraylib run train -p data s3://BUCKET/chest_xray -p out s3://BUCKET/runs/resnet50 -p epochs 3`.
+S3 credentials come from the environment (AWS profile, SageMaker role), never from this notebook."""),
+    ("parameters", """# Where the images are and where the results go: a local folder or s3://bucket/prefix.
+data = "chest_xray"  # the dataset root, holding train/NORMAL and train/PNEUMONIA
+out = "runs/resnet50"  # model.pt, checkpoint.pt, history.json and training_curves.png go here
+
+""" + TRAIN_KNOBS + """resume = None  # True continues the run in `out` from its last finished epoch"""),
     ("code", """%matplotlib inline
 from IPython.display import display
 
@@ -186,6 +190,65 @@ evaluation = evaluate_model(trained, data, out, tta=tta, progress=True, labels=t
 display(predictions_table(predictions))"""),
 ]
 
+SAGEMAKER = [
+    ("markdown", """# Train on SageMaker
+
+Runs the training of `train_classifier.ipynb` as a SageMaker Training Job: on `instance_count`
+instances of `instance_type`, under torchrun on every GPU of each, on spot capacity if `spot`.
+The job reads the images from `data` and writes `model.pt`, `history.json` and
+`training_curves.png` to `out`. Its checkpoints go to `out`/checkpoints after every epoch, and a
+job that is interrupted (spot) or launched again with the same `out` resumes from there.
+
+Needs the SageMaker Python SDK (`pip install 'xraylib[sagemaker]'`), AWS credentials and a
+region, and a role SageMaker may assume: `role`, or in SageMaker Studio the notebook's execution
+role. Headless: `xraylib run sagemaker -p data s3://BUCKET/chest_xray -p out s3://BUCKET/runs/job`,
+or from a shell `xraylib sagemaker train --data ... --out ... --instance-type ml.g5.xlarge`."""),
+    ("parameters", """# Where the images are and where the results go: s3://bucket/prefix (a job reads and writes S3).
+data = "s3://my-bucket/chest_xray"  # the dataset root, holding train/NORMAL and train/PNEUMONIA
+out = "s3://my-bucket/runs/job"  # model.pt, history.json, training_curves.png; checkpoints in out/checkpoints
+
+# The job. None takes the default from xraylib.config.
+instance_type = "ml.g5.xlarge"  # one NVIDIA A10G; ml.g5.12xlarge has four
+instance_count = 1  # instances, one torchrun node each
+spot = False  # True: spot capacity, cheaper but may be interrupted; the job then resumes from its checkpoint
+max_run = None  # e.g. "4h": the longest the job may train
+max_wait = None  # with spot: the longest the job may take, waits for capacity included
+role = None  # an IAM role ARN; None: the caller's own (in SageMaker Studio, the notebook's execution role)
+image_uri = None  # None: AWS's prebuilt PyTorch training container for the installed torch
+
+""" + TRAIN_KNOBS + """resume = None  # changes nothing: a job always resumes from out/checkpoints"""),
+    ("code", """%matplotlib inline
+from IPython.display import display
+
+from xraylib import config, plots
+from xraylib.notebooks import metrics_table, settings_table
+from xraylib.sagemaker import launch_training_job, read_job_results"""),
+    ("code", """train_values = dict(
+    preset=preset, data=data, out=out, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
+    weight_decay=weight_decay, weights=weights, freeze_backbone=freeze_backbone, augment=augment,
+    equalize=equalize, threshold_policy=threshold_policy, time_budget=time_budget, label_smoothing=label_smoothing,
+    ema_decay=ema_decay, val_fraction=val_fraction, seed=seed, device=device, precision=precision, skip_bad=skip_bad,
+    resume=resume, labels=labels, image_column=image_column, label_column=label_column, positive=positive,
+    patient_column=patient_column, split_column=split_column,
+)
+display(settings_table(config.make_train_config(**train_values)))"""),
+    ("markdown", """## The job
+
+Its name and console link, then its log as it comes (SageMaker's, then the training's: one line
+per epoch), and at the end its status, billable seconds and, on spot, the savings."""),
+    ("code", """job = launch_training_job(train_values, instance_type=instance_type, instance_count=instance_count, spot=spot,
+                          max_run=max_run, max_wait=max_wait, role=role, image_uri=image_uri)"""),
+    ("markdown", "## Training curves\n\nRead from `out`, where the job left them."),
+    ("code", """results = read_job_results(out)
+display(plots.training_curves_figure(results.history))"""),
+    ("markdown", """## The saved model
+
+Validation metrics of the best epoch, at the threshold chosen on validation. Evaluate it on the
+`test/` split with `test_classifier.ipynb` (`model` = `out`)."""),
+    ("code", """print(f"best epoch {results.best_epoch} of {len(results.history)}; model saved to {results.model_location}")
+display(metrics_table(results.val_metrics, title="validation"))"""),
+]
+
 
 def build(cells: list[tuple[str, str]], prefix: str) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
@@ -203,7 +266,8 @@ def build(cells: list[tuple[str, str]], prefix: str) -> nbformat.NotebookNode:
     return nb
 
 
-NOTEBOOKS = {"train_classifier.ipynb": (TRAIN, "train"), "test_classifier.ipynb": (TEST, "test")}
+NOTEBOOKS = {"train_classifier.ipynb": (TRAIN, "train"), "test_classifier.ipynb": (TEST, "test"),
+             "sagemaker_training_job.ipynb": (SAGEMAKER, "sagemaker")}
 
 
 def rendered() -> dict[Path, str]:

@@ -1,4 +1,4 @@
-"""The `xraylib` command: upload, train, evaluate, predict, run (a notebook), demo.
+"""The `xraylib` command: upload, train, evaluate, predict, run (a notebook), demo, sagemaker train.
 
 Each subcommand parses its arguments and calls the same public function a notebook calls. A
 problem the user can fix (an `XrayError`) prints one line, `xraylib: error: ...`, and exits 2;
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from xraylib import config
 from xraylib.errors import XrayError
@@ -21,10 +22,9 @@ def cmd_upload(args: argparse.Namespace) -> None:
     print(upload_directory(args.src, args.dest))
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from xraylib.training import train
-
-    cfg = config.make_train_config(
+def train_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig values the train flags give (None: not given), as `make_train_config` takes them."""
+    return dict(
         preset=args.preset, data=args.data, out=args.out, epochs=args.epochs, image_size=args.image_size,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, weights=args.weights,
         freeze_backbone=args.freeze_backbone or None, augment="none" if args.no_augment else args.augment,
@@ -33,7 +33,20 @@ def cmd_train(args: argparse.Namespace) -> None:
         seed=args.seed, device=args.device, precision=args.precision, skip_bad=args.skip_bad or None,
         resume=args.resume or None, **{name: getattr(args, name) for name in config.LABEL_OPTIONS},
     )
-    train(cfg, progress=sys.stderr.isatty())
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from xraylib.training import train
+
+    train(config.make_train_config(**train_values(args)), progress=sys.stderr.isatty())
+
+
+def cmd_sagemaker_train(args: argparse.Namespace) -> None:
+    from xraylib.sagemaker import launch_training_job
+
+    launch_training_job(train_values(args), instance_type=args.instance_type, instance_count=args.instance_count,
+                        spot=args.spot, max_run=args.max_run, max_wait=args.max_wait, role=args.role,
+                        image_uri=args.image_uri, wait=not args.no_wait)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -97,19 +110,11 @@ SCORING_PRECISION_HELP = ("auto: the precision the model's validation ran in, wh
                           "(fp32 for a faster run on a CPU that only emulates bf16; metrics.json records which)")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xraylib", description="Chest X-ray pneumonia classifier on S3 data.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("upload", help="copy a local dataset folder to a location (skips what is already there)")
-    p.add_argument("src", help="local folder, e.g. chest_xray/")
-    p.add_argument("dest", help="s3://bucket/prefix or a local folder")
-    p.set_defaults(func=cmd_upload)
-
+def add_train_flags(p: argparse.ArgumentParser, *, data_help: str, out_help: str, resume_help: str) -> None:
+    """One flag per TrainConfig field, for `train` and `sagemaker train` alike."""
     defaults = config.TrainConfig(data="-", out="-")
-    p = sub.add_parser("train", help="train a ResNet50 on the train/ split of a dataset")
-    p.add_argument("--data", required=True, help="dataset root (holding train/) or a folder of class folders")
-    p.add_argument("--out", required=True, help="where model.pt, checkpoint.pt and history go")
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--preset", choices=sorted(config.PRESETS), help="a named recipe; explicit flags override it")
     p.add_argument("--epochs", type=int, help=f"default {defaults.epochs}")
     p.add_argument("--image-size", type=int, help=f"pixels per side, default {defaults.image_size}")
@@ -139,9 +144,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=config.PRECISIONS,
                    help="auto: bf16 where the hardware runs it natively (AVX-512 BF16 or AMX CPUs, GPUs from "
                         "Ampere on), fp16 with loss scaling on older GPUs (T4, V100), else fp32")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    p.add_argument("--resume", action="store_true", help=resume_help)
     p.add_argument("--skip-bad", action="store_true", help="skip (and report) images that cannot be decoded")
     add_label_flags(p, "train")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xraylib", description="Chest X-ray pneumonia classifier on S3 data.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("upload", help="copy a local dataset folder to a location (skips what is already there)")
+    p.add_argument("src", help="local folder, e.g. chest_xray/")
+    p.add_argument("dest", help="s3://bucket/prefix or a local folder")
+    p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser("train", help="train a ResNet50 on the train/ split of a dataset")
+    add_train_flags(p, data_help="dataset root (holding train/) or a folder of class folders",
+                    out_help="where model.pt, checkpoint.pt and history go",
+                    resume_help="continue the run in --out from its last finished epoch")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics and pictures of a model on the test/ split")
@@ -175,6 +195,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-class", type=int, default=None, help="generated images per class and split")
     p.add_argument("--epochs", type=int, default=None)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sagemaker", help="run training as a SageMaker Training Job (pip install 'xraylib[sagemaker]')")
+    jobs = p.add_subparsers(dest="sagemaker_command", required=True, metavar="COMMAND")
+    p = jobs.add_parser("train", help="`xraylib train` as a training job, under torchrun on every GPU of every instance")
+    p.add_argument("--instance-type", required=True, help="e.g. ml.g5.xlarge (one A10G GPU) or ml.g5.12xlarge (four)")
+    p.add_argument("--instance-count", type=int, default=config.SAGEMAKER_INSTANCE_COUNT,
+                   help=f"instances, one torchrun node each; default {config.SAGEMAKER_INSTANCE_COUNT}")
+    p.add_argument("--spot", action="store_true",
+                   help="managed spot capacity: cheaper, may be interrupted; the job then resumes from its last checkpoint")
+    p.add_argument("--max-run", metavar="DURATION",
+                   help=f"the longest the job may train, e.g. 4h; default {config.SAGEMAKER_MAX_RUN}")
+    p.add_argument("--max-wait", metavar="DURATION",
+                   help=f"with --spot: the longest the job may take, waits for capacity included; default "
+                        f"{config.SAGEMAKER_SPOT_WAIT_FACTOR} x --max-run")
+    p.add_argument("--role", metavar="ARN",
+                   help="the IAM role the job runs as; default: the caller's own (in SageMaker Studio, the notebook's "
+                        "execution role)")
+    p.add_argument("--image-uri", metavar="URI",
+                   help="the training container; default: AWS's prebuilt PyTorch training image for the installed torch")
+    p.add_argument("--no-wait", action="store_true", help="print the job's name and return; do not follow its log")
+    add_train_flags(p, data_help="s3:// dataset root (holding train/) or a prefix of class folders",
+                    out_help="s3:// location for model.pt, history.json and the curves; checkpoints go to <out>/checkpoints",
+                    resume_help="changes nothing: a job always resumes from <out>/checkpoints")
+    p.set_defaults(func=cmd_sagemaker_train)
     return parser
 
 

@@ -92,6 +92,28 @@ BUDGET_SAFETY = 0.9  # share of the budget the predicted run may fill; the rest 
 # The TrainConfig fields (and flags, and notebook parameters) that describe a labels table.
 LABEL_OPTIONS = ("labels", "image_column", "label_column", "positive", "patient_column", "split_column")
 
+# SageMaker Training Jobs (sagemaker.py launches them, sagemaker_entry.py runs inside them).
+# --max-run is a cap, not a reservation: a job is billed for the time it runs; the cap bounds what
+# a job that hangs can cost. A spot job may wait for capacity (and through interruptions) up to
+# --max-wait, by default this many times --max-run.
+SAGEMAKER_MAX_RUN = "8h"
+SAGEMAKER_SPOT_WAIT_FACTOR = 2
+SAGEMAKER_INSTANCE_COUNT = 1
+SAGEMAKER_BASE_JOB_NAME = "xraylib-train"
+SAGEMAKER_LOG_POLL_S = 5.0  # how often a waiting launcher asks for the job's status and new log lines
+# AWS's prebuilt PyTorch training containers, as the SDK's image_uris names them: the newer
+# Amazon Linux 2023 line first, then the older one; the first whose version is the installed
+# torch's major.minor is the job's image.
+SAGEMAKER_IMAGE_FRAMEWORKS = ("pytorch-amzn2023", "pytorch")
+# The prebuilt container brings these (matched to its CUDA); the job installs the rest of
+# xraylib's dependencies, less what only the notebooks need.
+SAGEMAKER_IMAGE_PROVIDES = ("torch", "torchvision")
+SAGEMAKER_NOTEBOOK_ONLY = ("papermill", "ipykernel", "jupyterlab", "ipywidgets")
+# The container's side: the folder SageMaker syncs with <out>/checkpoints (XRAYLIB_CHECKPOINT_DIR
+# moves it, for tests), and its model folder when SM_MODEL_DIR is not set.
+SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
+SAGEMAKER_MODEL_DIR = "/opt/ml/model"
+
 
 def parse_duration(text: str) -> float:
     """'30m', '1h30m', '90s', '1.5h' or plain seconds ('1800') to seconds."""

@@ -30,3 +30,7 @@ class ModelFileError(XrayError):
 
 class ConfigError(XrayError):
     """A parameter is out of range or inconsistent with another one."""
+
+
+class TrainingJobError(XrayError):
+    """A SageMaker training job cannot be started (no region, no role, no matching container), or it failed."""

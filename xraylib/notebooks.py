@@ -29,7 +29,7 @@ from typing import Any
 from xraylib import storage
 from xraylib.errors import ConfigError, XrayError
 
-NOTEBOOKS = {"train": "train_classifier.ipynb", "test": "test_classifier.ipynb"}
+NOTEBOOKS = {"train": "train_classifier.ipynb", "test": "test_classifier.ipynb", "sagemaker": "sagemaker_training_job.ipynb"}
 NOTEBOOK_DIR = "notebooks"
 KERNEL_NAME = "python3"  # what the notebooks' metadata names, so plain `papermill` runs them too
 # Environment variables whose values never go into an executed notebook.

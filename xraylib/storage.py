@@ -224,16 +224,26 @@ def _count_try(**_: Any) -> None:
     _TRIES.count += 1
 
 
-def _stop_retrying(response: Any = None, caught_exception: BaseException | None = None, **_: Any) -> bool | None:
-    """botocore's needs-retry hook, run before its own: False ends its retries once the object's
-    tries or time are spent; None leaves the decision to botocore."""
+def _stop_retrying(response: Any = None, caught_exception: BaseException | None = None, operation: Any = None,
+                   **_: Any) -> None:
+    """botocore's needs-retry hook, run before its own: once the object's tries or time are spent,
+    a failed try ends botocore's retries by raising what it got; otherwise botocore decides.
+    Raised, not answered with False: botocore before 1.44 reads any answer but None as a delay, and
+    False as "retry at once", for ever."""
     if _TRIES.started is None:
         return None
-    if caught_exception is not None and not isinstance(caught_exception, _OutOfTime):
-        _TRIES.last = type(caught_exception).__name__
+    if caught_exception is not None:
+        if not isinstance(caught_exception, _OutOfTime):
+            _TRIES.last = type(caught_exception).__name__
+        if _TRIES.spent():
+            raise caught_exception
     elif response is not None and response[1].get("Error"):
         _TRIES.last = str(response[1]["Error"].get("Code", ""))
-    return False if _TRIES.spent() else None
+        if _TRIES.spent():
+            from botocore.exceptions import ClientError
+
+            raise ClientError(response[1], operation.name if operation is not None else "request")
+    return None
 
 
 def _etag_is_md5(response: dict[str, Any]) -> bool:
@@ -606,12 +616,14 @@ class UploadReport:
 
 
 def upload_directory(src: str | Path, dest: str, *, suffixes: tuple[str, ...] = config.IMAGE_SUFFIXES) -> UploadReport:
-    """Copy the images below `src` (and DICOMs without an extension) to `dest`, keeping relative paths; skip objects already there
-    with the same content (by size and MD5, or where the ETag is no MD5, as in a bucket encrypted
-    with KMS keys, by the checksum S3 keeps), so a re-run sends only what is missing or changed."""
+    """Copy the images below `src` (DICOMs without an extension too) to `dest`, keeping relative
+    paths; skip objects already there with the same content (by size and MD5, or where the ETag is
+    no MD5, as in a bucket encrypted with KMS keys, by the checksum S3 keeps), so a re-run sends only
+    what is missing or changed."""
     src_objects = list_objects(str(src))
     if not src_objects:
         raise LocationError(f"{src}: no files to upload")
+
     def is_image(obj: ObjectInfo) -> bool:
         if obj.relpath.lower().endswith(suffixes):
             return True
