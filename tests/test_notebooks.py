@@ -43,7 +43,7 @@ from xraylib.notebooks import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PARAMETERS = {f.name for f in dataclasses.fields(config.TrainConfig)}  # every knob, as in the CLI
-TEST_PARAMETERS = {"model", "data", "out", "tta", "compare_with", "new_images"}
+TEST_PARAMETERS = {"model", "data", "out", "tta", "compare_with", "new_images", *config.LABEL_OPTIONS}
 # The SageMaker notebook: every training knob, and the job's (as `xraylib sagemaker train` takes them).
 JOB_PARAMETERS = {"instance_type", "instance_count", "spot", "max_run", "max_wait", "role", "image_uri"}
 METRIC_KEYS = {"accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc", "threshold", "n_images",
@@ -489,7 +489,7 @@ def test_failing_cell_exits_non_zero_naming_the_cell(trained):
     assert len(errors) == 1, result.stderr[-3000:]
     assert result.stderr.rstrip().endswith(errors[0])
     message = errors[0]
-    assert "train_classifier.ipynb cell 5 (`display(class_counts_table(" in message
+    assert "train_classifier.ipynb cell 5 (`index = index_images(cfg.data" in message
     assert "DatasetError: no files found in s3://" in message
     executed = f"{out}/train_classifier.executed.ipynb"
     assert message.endswith(f"the executed notebook is at {executed}")

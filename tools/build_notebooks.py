@@ -57,6 +57,15 @@ seed = None
 device = None  # "auto", "cpu" or "cuda"
 precision = None  # "auto", "fp32", "bf16" or "fp16"
 skip_bad = None  # True skips (and reports) images that cannot be decoded
+
+# Labels from a table instead of class folders: a CSV (local or s3://) naming images below `data`.
+# NIH ChestX-ray14's Data_Entry_2017.csv and RSNA's stage_2_train_labels.csv need no more than this.
+labels = None
+image_column = None  # the column naming each image (a path below `data`, with or without extension)
+label_column = None  # the column of labels ("Infiltration|Pneumonia" lists several)
+positive = None  # the label of the positive class
+patient_column = None  # the column naming the patient (the validation split keeps each on one side)
+split_column = None  # a column saying train or test; training reads the train rows
 """
 
 TRAIN = [
@@ -80,7 +89,8 @@ out = "runs/resnet50"  # model.pt, checkpoint.pt, history.json and training_curv
     ("code", """%matplotlib inline
 from IPython.display import display
 
-from xraylib import config, dataset, plots
+from xraylib import config, plots
+from xraylib.labels import index_images, label_table
 from xraylib.notebooks import class_counts_table, metrics_table, settings_table
 from xraylib.training import train"""),
     ("code", """cfg = config.make_train_config(
@@ -88,11 +98,19 @@ from xraylib.training import train"""),
     weight_decay=weight_decay, weights=weights, freeze_backbone=freeze_backbone, augment=augment,
     equalize=equalize, threshold_policy=threshold_policy, time_budget=time_budget, label_smoothing=label_smoothing,
     ema_decay=ema_decay, val_fraction=val_fraction, seed=seed, device=device, precision=precision, skip_bad=skip_bad,
-    resume=resume,
+    resume=resume, labels=labels, image_column=image_column, label_column=label_column, positive=positive,
+    patient_column=patient_column, split_column=split_column,
 )
 display(settings_table(cfg))"""),
-    ("markdown", "## The data\n\nImages per class in the `train/` folder."),
-    ("code", """display(class_counts_table({"train/": dataset.list_images(data, split="train")}))"""),
+    ("markdown", """## The data
+
+Images per class in the `train/` folder (or the train rows of the `labels` table), and what was
+left out: non-image files, and rows and images the table could not pair."""),
+    ("code", """index = index_images(cfg.data, split="train", labels=label_table(
+    cfg.labels, image_column=cfg.image_column, label_column=cfg.label_column, positive=cfg.positive,
+    patient_column=cfg.patient_column, split_column=cfg.split_column))
+print(index.describe())
+display(class_counts_table({"train/": index}))"""),
     ("markdown", """## Training
 
 A bar for loading the images, then one per epoch, each left with its count and time when done.
@@ -141,7 +159,15 @@ data = "chest_xray"  # the dataset root holding test/, or a folder of class fold
 out = "runs/resnet50/evaluation"  # where metrics.json, predictions.csv, the pictures and model_card.md go
 tta = False  # True averages over slightly rotated and zoomed views: 5x the compute
 compare_with = None  # a second model (file or training `out`) to compare with on the same images; None: the model itself
-new_images = []  # an image, a folder or s3:// prefix of images, or a list of those; [] for none"""),
+new_images = []  # an image, a folder or s3:// prefix of images, or a list of those; [] for none
+
+# Labels from a table instead of class folders (as in training); with a split column, its test rows.
+labels = None  # a CSV (local or s3://) naming images below `data`
+image_column = None
+label_column = None
+positive = None
+patient_column = None
+split_column = None"""),
     ("code", """%matplotlib inline
 from IPython.display import Markdown, display
 
@@ -149,6 +175,7 @@ from xraylib import plots
 from xraylib.compare import compare_evaluations
 from xraylib.evaluate import evaluate_model, predict_images
 from xraylib.explain import explain_rows, rows_to_explain
+from xraylib.labels import label_table
 from xraylib.model import load_model
 from xraylib.model_card import model_card_markdown
 from xraylib.notebooks import (
@@ -160,7 +187,9 @@ from xraylib.notebooks import (
     subgroups_table,
 )"""),
     ("code", """trained = load_model(model)
-evaluation = evaluate_model(trained, data, out, tta=tta, progress=True)"""),
+table = label_table(labels, image_column=image_column, label_column=label_column, positive=positive,
+                    patient_column=patient_column, split_column=split_column)
+evaluation = evaluate_model(trained, data, out, tta=tta, progress=True, labels=table)"""),
     ("code", """display(class_counts_table({"test": evaluation}))"""),
     ("markdown", """## Metrics
 
@@ -245,7 +274,8 @@ from xraylib.sagemaker import launch_training_job, read_job_results"""),
     weight_decay=weight_decay, weights=weights, freeze_backbone=freeze_backbone, augment=augment,
     equalize=equalize, threshold_policy=threshold_policy, time_budget=time_budget, label_smoothing=label_smoothing,
     ema_decay=ema_decay, val_fraction=val_fraction, seed=seed, device=device, precision=precision, skip_bad=skip_bad,
-    resume=resume,
+    resume=resume, labels=labels, image_column=image_column, label_column=label_column, positive=positive,
+    patient_column=patient_column, split_column=split_column,
 )
 display(settings_table(config.make_train_config(**train_values)))"""),
     ("markdown", """## The job

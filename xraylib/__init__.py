@@ -5,6 +5,7 @@ use of a function that needs them. The public functions, by stage:
 
 - locations: `list_objects`, `read_bytes`, `write_bytes`, `upload_directory`   (storage.py)
 - data: `list_images`, `split_by_patient`, `decode_image`, `load_images`       (dataset.py)
+- labels from a table: `index_images`, `label_table`, `LabelTable`              (labels.py; DICOM: dicom.py)
 - model: `build_resnet50`, `load_model`, `save_model`                          (model.py)
 - training: `make_train_config`, `train`                                        (config.py, training.py)
 - evaluation: `evaluate_model`, `compute_metrics`                               (evaluate.py)
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "storage": ["list_objects", "read_bytes", "write_bytes", "upload_directory", "fetch_location"],
     "dataset": ["list_images", "split_by_patient", "decode_image", "load_images", "patient_id"],
+    "labels": ["index_images", "label_table", "LabelTable"],
     "model": ["build_resnet50", "load_model", "save_model"],
     "config": ["make_train_config", "TrainConfig", "PRESETS"],
     "training": ["train"],
@@ -44,7 +46,7 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
         return getattr(importlib.import_module(f"xraylib.{_WHERE[name]}"), name)
-    if name in _EXPORTS or name in ("cli", "demo", "notebooks", "locals3", "distributed"):
+    if name in _EXPORTS or name in ("cli", "demo", "notebooks", "locals3", "distributed", "dicom"):
         return importlib.import_module(f"xraylib.{name}")
     raise AttributeError(f"module 'xraylib' has no attribute {name!r}")
 

@@ -34,7 +34,7 @@ def train_values(args: argparse.Namespace) -> dict[str, Any]:
         equalize=args.equalize, threshold_policy=args.threshold_policy, time_budget=args.time_budget,
         label_smoothing=args.label_smoothing, ema_decay=args.ema_decay, val_fraction=args.val_fraction,
         seed=args.seed, device=args.device, precision=args.precision, skip_bad=args.skip_bad or None,
-        resume=args.resume or None,
+        resume=args.resume or None, **{name: getattr(args, name) for name in config.LABEL_OPTIONS},
     )
 
 
@@ -54,9 +54,11 @@ def cmd_sagemaker_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from xraylib.evaluate import evaluate_model
+    from xraylib.labels import label_table
 
+    table = label_table(args.labels, **{name: getattr(args, name) for name in config.LABEL_OPTIONS[1:]})
     evaluation = evaluate_model(args.model, args.data, args.out, skip_bad=args.skip_bad, device=args.device,
-                                precision=args.precision, tta=args.tta, progress=sys.stderr.isatty())
+                                precision=args.precision, tta=args.tta, progress=sys.stderr.isatty(), labels=table)
     m = evaluation.metrics
     print(f"{m['n_images']} images: accuracy {m['accuracy']:.4f}, sensitivity {m['sensitivity']:.4f}, "
           f"specificity {m['specificity']:.4f}, ROC AUC {m['roc_auc']:.4f}, PR AUC {m['pr_auc']:.4f} "
@@ -109,6 +111,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, images_per_class=args.images_per_class, epochs=args.epochs)
 
 
+def add_label_flags(p: argparse.ArgumentParser, split: str) -> None:
+    """The flags of `config.LABEL_OPTIONS`: labels from a table instead of class folders."""
+    layouts = "; ".join(f"{name}: {columns['image_column']!r}, {columns['label_column']!r}, positive {columns['positive']!r}"
+                        for name, columns in config.LABEL_LAYOUTS.items())
+    p.add_argument("--labels", metavar="LOCATION",
+                   help="a CSV (local or s3://) that labels the images below --data, instead of class folders; "
+                        f"the columns of a known layout are recognised ({layouts})")
+    p.add_argument("--image-column", metavar="NAME", help="the column naming each image: its path below --data, with or "
+                                                          "without its extension, or its file name when unique")
+    p.add_argument("--label-column", metavar="NAME", help="the column holding each image's label(s)")
+    p.add_argument("--positive", metavar="TEXT",
+                   help=f"the label of the positive class; a cell that lists it among others ('a{config.LABEL_SEPARATOR}b') "
+                        "is positive too")
+    p.add_argument("--patient-column", metavar="NAME", help="the column naming each image's patient (the split by patient "
+                                                            "keeps them together); default: the file's name or DICOM tag")
+    p.add_argument("--split-column", metavar="NAME",
+                   help=f"a column saying which split each row is in: {split} reads the rows marked "
+                        f"{', '.join(config.LABEL_SPLIT_VALUES[split])}")
+
+
 SCORING_PRECISION_HELP = ("auto: the precision the model's validation ran in, where its threshold was chosen "
                           "(fp32 for a faster run on a CPU that only emulates bf16; metrics.json records which)")
 
@@ -149,6 +171,7 @@ def add_train_flags(p: argparse.ArgumentParser, *, data_help: str, out_help: str
                         "Ampere on), fp16 with loss scaling on older GPUs (T4, V100), else fp32")
     p.add_argument("--resume", action="store_true", help=resume_help)
     p.add_argument("--skip-bad", action="store_true", help="skip (and report) images that cannot be decoded")
+    add_label_flags(p, "train")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -176,6 +199,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip (and report) images that cannot be decoded")
     p.add_argument("--precision", choices=config.PRECISIONS, default="auto",
                    help=SCORING_PRECISION_HELP)
+    add_label_flags(p, "test")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify images: one line each, path, label, probability")

@@ -29,7 +29,23 @@ CURVES_FILENAME = "training_curves.png"
 # A header claiming more pixels than this is refused before decoding: the largest real
 # radiograph in the dataset is about 3,000 x 3,000 (9 million pixels).
 MAX_IMAGE_PIXELS = 64_000_000
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm")
+
+# Labels from a table (labels.py). A table whose header holds a layout's image column is read with
+# that layout's columns, unless the caller names others: the public sets' own files need no flags.
+# NIH ChestX-ray14's Data_Entry_2017.csv lists findings as "Infiltration|Pneumonia"; RSNA's
+# stage_2_train_labels.csv has one row per box, several for one image, and names images without .dcm.
+LABEL_LAYOUTS: dict[str, dict[str, str]] = {
+    "NIH ChestX-ray14": {"image_column": "Image Index", "label_column": "Finding Labels", "positive": "Pneumonia",
+                         "patient_column": "Patient ID"},
+    "RSNA Pneumonia Detection": {"image_column": "patientId", "label_column": "Target", "positive": "1",
+                                 "patient_column": "patientId"},
+}
+LABEL_SEPARATOR = "|"  # between the findings of a multi-label cell
+# What a split column's values mean: training reads the first (and holds out its own validation
+# split by patient from them), evaluation the second; a row of any other value is counted and left out.
+LABEL_SPLIT_VALUES = {"train": ("train", "training", "val", "validation", "trainval", "train_val"),
+                      "test": ("test", "testing")}
 
 S3_WORKERS = 16
 # One retry policy. botocore retries a request (connection failures, 5xx answers, throttling such
@@ -100,6 +116,9 @@ BUDGET_FIXED_S = 60.0  # decoding, validation set-up, writing files: not proport
 BUDGET_SAFETY = 0.9  # share of the budget the predicted run may fill; the rest absorbs a slower machine minute
 
 
+# The TrainConfig fields (and flags, and notebook parameters) that describe a labels table.
+LABEL_OPTIONS = ("labels", "image_column", "label_column", "positive", "patient_column", "split_column")
+
 # SageMaker Training Jobs (sagemaker.py launches them, sagemaker_entry.py runs inside them).
 # --max-run is a cap, not a reservation: a job is billed for the time it runs; the cap bounds what
 # a job that hangs can cost. A spot job may wait for capacity (and through interruptions) up to
@@ -169,6 +188,14 @@ class TrainConfig:
     resume: bool = False
     skip_bad: bool = False
     preset: str | None = None
+    # Labels from a table instead of class folders (labels.py); None: the folders, or the columns
+    # of the layout the table's header matches (LABEL_LAYOUTS).
+    labels: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    positive: str | None = None
+    patient_column: str | None = None
+    split_column: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, bool):  # notebooks and older model files say True / False
@@ -190,6 +217,9 @@ class TrainConfig:
              f"threshold_policy must be one of {', '.join(THRESHOLD_POLICIES)}, got {self.threshold_policy!r}"),
             (bool(self.data), "data location is empty: pass --data LOCATION"),
             (bool(self.out), "output location is empty: pass --out LOCATION"),
+            (self.labels is not None or all(getattr(self, name) is None for name in LABEL_OPTIONS[1:]),
+             "--image-column, --label-column, --positive, --patient-column and --split-column describe a labels table: "
+             "pass --labels LOCATION too"),
         ]
         for ok, message in checks:
             if not ok:

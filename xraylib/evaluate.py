@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from xraylib import calibration, config, dataset, storage, subgroups, uncertainty
+from xraylib.labels import LabelTable, index_images, label_table
 from xraylib.model import (
     TrainedModel,
     autocast,
@@ -346,17 +347,22 @@ def evaluate_model(
     precision: str = "auto",
     tta: bool = False,
     progress: bool = False,
+    labels: str | LabelTable | None = None,
     log: Callable[[str], None] = print,
 ) -> Evaluation:
     """Evaluate a model (file, `train --out` location, or loaded) on the `test/` split of a
-    dataset root, or on a folder of class folders; write the results to `out` if given. With
+    dataset root, or on a folder of class folders, or on the images below `data` that the table
+    `labels` labels (a location, read with its layout's columns, or a `LabelTable`; with a split column,
+    its test rows); write the results to `out` if given. With
     `tta`, each probability is the mean over the views in `config.TTA_VIEWS` (5x the compute);
     the threshold stays the one chosen at training. `precision` 'auto' scores in the precision
     training validated in (`model.inference_dtype`). Ends with one line to `log`: how many
     images, how long, and which files went where."""
     started = time.perf_counter()
     trained = load_model(model) if isinstance(model, str) else model
-    index = dataset.list_images(data, split="test")
+    index = index_images(data, split="test", labels=label_table(labels))
+    if index.unmatched or index.ignored:
+        log(f"found {index.describe()}")
     loaded = dataset.load_images(index, trained.image_size, equalize_mode=trained.equalize, skip_bad=skip_bad,
                                  progress=progress)
     evaluation = evaluate_loaded(trained, loaded, device=device, precision=precision, tta=tta)

@@ -649,14 +649,23 @@ class UploadReport:
 
 
 def upload_directory(src: str | Path, dest: str, *, suffixes: tuple[str, ...] = config.IMAGE_SUFFIXES) -> UploadReport:
-    """Copy the images below `src` to `dest`, keeping relative paths; skip objects already there
-    with the same content (by size and MD5, or where the ETag is no MD5, as in a bucket encrypted
-    with KMS keys, by the checksum S3 keeps), so a re-run sends only what is missing or changed."""
+    """Copy the images below `src` (DICOMs without an extension too) to `dest`, keeping relative
+    paths; skip objects already there with the same content (by size and MD5, or where the ETag is
+    no MD5, as in a bucket encrypted with KMS keys, by the checksum S3 keeps), so a re-run sends only
+    what is missing or changed."""
     src_objects = list_objects(str(src))
     if not src_objects:
         raise LocationError(f"{src}: no files to upload")
-    wanted = [o for o in src_objects if o.relpath.lower().endswith(suffixes)]
-    ignored = tuple(o.relpath for o in src_objects if not o.relpath.lower().endswith(suffixes))
+
+    def is_image(obj: ObjectInfo) -> bool:
+        if obj.relpath.lower().endswith(suffixes):
+            return True
+        # DICOM archives often store images without an extension: the DICM mark after the preamble tells.
+        return "." not in obj.relpath.rsplit("/", 1)[-1] and read_bytes(obj.location)[128:132] == b"DICM"
+
+    chosen = parallel_map(is_image, src_objects)
+    wanted = [o for o, keep in zip(src_objects, chosen, strict=True) if keep]
+    ignored = tuple(o.relpath for o, keep in zip(src_objects, chosen, strict=True) if not keep)
     try:
         present = {o.relpath: o for o in list_objects(dest)}
     except LocationError:

@@ -85,3 +85,42 @@ def generate_dataset(root: str | Path, images_per_class: int = 60, *, min_side: 
             counts[split][cls] = n
             patient_start += n * 3  # patients never repeat across splits or classes
     return counts
+
+
+def encode_dicom(stored: np.ndarray, *, bits_stored: int = 8, photometric: str = "MONOCHROME2",
+                 window: tuple[float, float] | None = None, rescale: tuple[float, float] | None = None,
+                 transfer_syntax: str = "1.2.840.10008.1.2.1", patient_id: str = "", patient_name: str = "",
+                 preamble: bool = True) -> bytes:
+    """A DICOM file (a digital X-ray, for presentation) holding `stored`, the stored values (uint8 or
+    uint16): `bits_stored` significant bits, an optional (center, width) window and (slope,
+    intercept) rescale, pixel data in `transfer_syntax` (compressed ones through pydicom's encoders:
+    RLE Lossless natively, JPEG 2000 Lossless with pylibjpeg-openjpeg)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    sop_class = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage - For Presentation
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.PatientID, ds.PatientName = patient_id, patient_name
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 if stored.dtype == np.uint8 else 16
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, 0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    ds.PixelData = stored.tobytes()
+    if UID(transfer_syntax) != ExplicitVRLittleEndian:
+        ds.compress(UID(transfer_syntax), stored)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    return data if preamble else data[128 + 4:]

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from xraylib import budget, config, dataset, distributed, storage
+from xraylib import budget, config, dataset, distributed, labels, storage
 from xraylib.config import TrainConfig
 from xraylib.errors import ConfigError, ModelFileError, TrainingStopped
 from xraylib.evaluate import choose_threshold, compute_metrics, fit_calibration, predict_logits, probabilities_from_logits
@@ -187,10 +187,12 @@ class TrainingData:
 
 
 def load_data(data: str, *, image_size: int, val_fraction: float, seed: int, skip_bad: bool, equalize: str = "none",
-              index: dataset.ImageIndex | None = None, log: Log = print, progress: bool = True) -> TrainingData:
-    """Index the `train/` split (unless its `index` is given), split it by patient, and decode (and
-    `equalize`) both sides."""
-    index = index or dataset.list_images(data, split="train")
+              index: dataset.ImageIndex | None = None, label_table: labels.LabelTable | None = None, log: Log = print,
+              progress: bool = True) -> TrainingData:
+    """Index the `train/` split (or the train rows of `label_table`) unless its `index` is given, split it
+    by patient, and decode (and `equalize`) both sides. The two sides are row numbers into one decoded
+    file (`dataset.take_rows`): neither is a copy of the pixels."""
+    index = index or labels.index_images(data, split="train", labels=label_table)
     log(f"found {index.describe()}")
     train_index, val_index = dataset.split_by_patient(index, val_fraction, seed)
     loaded = dataset.load_images(index.subset(train_index.records + val_index.records), image_size,
@@ -201,11 +203,7 @@ def load_data(data: str, *, image_size: int, val_fraction: float, seed: int, ski
     train_rows = [i for i, v in enumerate(is_val) if not v]
     val_rows = [i for i, v in enumerate(is_val) if v]
 
-    def take(rows: list[int]) -> dataset.LoadedImages:
-        return dataset.LoadedImages(loaded.pixels[rows], loaded.labels[rows], tuple(loaded.records[i] for i in rows),
-                                    loaded.class_names)
-
-    train_data, val_data = take(train_rows), take(val_rows)
+    train_data, val_data = dataset.take_rows(loaded, train_rows), dataset.take_rows(loaded, val_rows)
     patients = len({r.patient for r in train_data.records}), len({r.patient for r in val_data.records})
     log(f"train {len(train_data)} images ({patients[0]} patients), validation {len(val_data)} images "
         f"({patients[1]} patients), split by patient")
@@ -379,8 +377,11 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, *, log
     if topology.is_main:
         _write_history_json(out, history)
 
-    index = distributed.broadcast_object(dataset.list_images(cfg.data, split="train") if topology.is_main else None,
-                                         topology)
+    label_table = labels.label_table(cfg.labels, image_column=cfg.image_column, label_column=cfg.label_column,
+                                     positive=cfg.positive, patient_column=cfg.patient_column,
+                                     split_column=cfg.split_column)
+    index = distributed.broadcast_object(
+        labels.index_images(cfg.data, split="train", labels=label_table) if topology.is_main else None, topology)
     sizing = None
     if cfg.time_budget is not None and checkpoint is None:
         sizing = size_training_run(cfg, n_images=len(index), device=device, elapsed_s=time.perf_counter() - run_started)
