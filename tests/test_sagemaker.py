@@ -402,3 +402,20 @@ def test_the_notebook_launches_a_job_and_shows_what_it_left_in_out(finished_job,
     images = [o for o in outputs if "image/png" in o]
     tables = [o for o in outputs if "roc_auc" in o.get("text/html", "")]
     assert len(images) == 1 and len(tables) == 1
+
+
+def test_a_failed_job_ends_with_its_reason_and_a_finished_one_with_its_bill():
+    # moto's jobs always complete, so the end of a failed one is checked on the description's fields.
+    from xraylib.sagemaker import TrainingJob, report_job_end
+
+    lines: list[str] = []
+    failed = TrainingJob("xraylib-1", "us-east-1", "Failed", spot=True, training_seconds=600, billable_seconds=200,
+                         failure_reason="AlgorithmError: xraylib: error: no images in s3://b/x\n(exit 2)")
+    with pytest.raises(TrainingJobError) as caught:
+        report_job_end(failed, "s3://b/out", log=lines.append)
+    assert str(caught.value) == "training job xraylib-1 failed: AlgorithmError: xraylib: error: no images in s3://b/x (exit 2)"
+    assert lines == ["training job xraylib-1: Failed, trained 600 s, billable 200 s, spot savings 67%"]
+    lines.clear()
+    done = TrainingJob("xraylib-2", "us-east-1", "Completed", spot=False, training_seconds=600, billable_seconds=600)
+    assert report_job_end(done, "s3://b/out", log=lines.append) is done
+    assert lines == ["training job xraylib-2: Completed, trained 600 s, billable 600 s", "results in s3://b/out"]

@@ -327,11 +327,17 @@ def launch_training_job(
         job = describe_job(name, region)
         log(f"not waiting: status {job.status}; results will be in {cfg.out}")
         return job
-    job = follow_training_job(name, region, log=log)
+    return report_job_end(follow_training_job(name, region, log=log), cfg.out, log=log)
+
+
+def report_job_end(job: TrainingJob, out: str, *, log: Log = print) -> TrainingJob:
+    """Print how the ended `job` went (status, billable seconds, spot savings); a failed or stopped
+    job raises TrainingJobError with SageMaker's failure reason, which the CLI turns into its exit status."""
     log(job.summary())
     if job.status in FAILED_STATUSES:
-        raise TrainingJobError(f"training job {name} {job.status.lower()}: {_one_line(job.failure_reason or 'no reason given')}")
-    log(f"results in {cfg.out}")
+        raise TrainingJobError(f"training job {job.name} {job.status.lower()}: "
+                               f"{_one_line(job.failure_reason or 'no reason given')}")
+    log(f"results in {out}")
     return job
 
 
