@@ -9,10 +9,13 @@ result; the first code cell, tagged `parameters`, holds every knob (papermill ov
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
 import nbformat
+
+from xraylib import config
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -37,6 +40,22 @@ LANGUAGE_INFO = {
 
 # The training knobs of a parameters cell, one per TrainConfig field but data, out and resume (each
 # notebook says what those mean for it): the train notebook and the SageMaker one share them.
+def keyword_arguments(names: list[str], indent: str = "    ", width: int = 116) -> str:
+    """`name=name, ...` for every name, wrapped as a call's arguments in a cell."""
+    lines, line = [], ""
+    for name in names:
+        item = f"{name}={name},"
+        if line and len(indent) + len(line) + 1 + len(item) > width:
+            lines.append(indent + line)
+            line = item
+        else:
+            line = f"{line} {item}" if line else item
+    return "\n".join([*lines, indent + line])
+
+
+# Every training knob passed on by name, in TrainConfig's order: the train and SageMaker notebooks' calls.
+TRAIN_ARGUMENTS = keyword_arguments([f.name for f in dataclasses.fields(config.TrainConfig)])
+
 TRAIN_KNOBS = """# None takes the default from xraylib.config, or from the preset.
 preset = None  # "cpu" (small, from scratch) or "gpu" (ImageNet weights, 224 px)
 epochs = None
@@ -93,15 +112,7 @@ from xraylib import config, plots
 from xraylib.labels import index_images, label_table
 from xraylib.notebooks import class_counts_table, metrics_table, settings_table
 from xraylib.training import train"""),
-    ("code", """cfg = config.make_train_config(
-    preset=preset, data=data, out=out, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
-    weight_decay=weight_decay, weights=weights, freeze_backbone=freeze_backbone, augment=augment,
-    equalize=equalize, threshold_policy=threshold_policy, time_budget=time_budget, label_smoothing=label_smoothing,
-    ema_decay=ema_decay, val_fraction=val_fraction, seed=seed, device=device, precision=precision, skip_bad=skip_bad,
-    resume=resume, labels=labels, image_column=image_column, label_column=label_column, positive=positive,
-    patient_column=patient_column, split_column=split_column,
-)
-display(settings_table(cfg))"""),
+    ("code", "cfg = config.make_train_config(\n" + TRAIN_ARGUMENTS + "\n)\ndisplay(settings_table(cfg))"),
     ("markdown", """## The data
 
 Images per class in the `train/` folder (or the train rows of the `labels` table), and what was
@@ -269,15 +280,8 @@ from IPython.display import display
 from xraylib import config, plots
 from xraylib.notebooks import metrics_table, settings_table
 from xraylib.sagemaker import launch_training_job, read_job_results"""),
-    ("code", """train_values = dict(
-    preset=preset, data=data, out=out, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
-    weight_decay=weight_decay, weights=weights, freeze_backbone=freeze_backbone, augment=augment,
-    equalize=equalize, threshold_policy=threshold_policy, time_budget=time_budget, label_smoothing=label_smoothing,
-    ema_decay=ema_decay, val_fraction=val_fraction, seed=seed, device=device, precision=precision, skip_bad=skip_bad,
-    resume=resume, labels=labels, image_column=image_column, label_column=label_column, positive=positive,
-    patient_column=patient_column, split_column=split_column,
-)
-display(settings_table(config.make_train_config(**train_values)))"""),
+    ("code", "train_values = dict(\n" + TRAIN_ARGUMENTS
+     + "\n)\ndisplay(settings_table(config.make_train_config(**train_values)))"),
     ("markdown", """## The job
 
 Its name and console link, then its log as it comes (SageMaker's, then the training's: one line
