@@ -15,8 +15,9 @@ from PIL import Image
 
 from xraylib import storage
 from xraylib.errors import ModelFileError
-from xraylib.evaluate import predict_images, predict_probabilities
+from xraylib.evaluate import predict_probabilities
 from xraylib.model import TrainedModel, build_resnet50, load_model, model_metadata, save_model
+from xraylib.predict import predict_images
 
 
 def _metadata(threshold: float = 0.4) -> dict:
@@ -66,7 +67,7 @@ def test_predicting_does_not_import_torchvision(tmp_path):
     """torchvision and torch._dynamo cost seconds to import; a cold `xraylib predict` must not pay for them."""
     save_model(str(tmp_path / "model.pt"), build_resnet50("none"), _metadata())
     Image.fromarray(np.full((40, 40), 128, np.uint8)).save(tmp_path / "x.jpeg")
-    code = ("import sys; from xraylib.evaluate import predict_images; "
+    code = ("import sys; from xraylib.predict import predict_images; "
             f"print(predict_images({str(tmp_path / 'model.pt')!r}, [{str(tmp_path / 'x.jpeg')!r}])[0].label); "
             "print('torchvision' in sys.modules or 'torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

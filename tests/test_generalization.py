@@ -17,10 +17,10 @@ from xraylib.evaluate import (
     evaluate_loaded,
     evaluate_model,
     fit_calibration,
-    predict_images,
     probabilities_from_logits,
 )
 from xraylib.model import load_model
+from xraylib.predict import predict_images
 from xraylib.training import train
 
 

@@ -23,7 +23,6 @@ import pytest
 from tests.jupyterlab import jupyter_lab
 from xraylib import config, locals3, plots, storage
 from xraylib.errors import ConfigError
-from xraylib.evaluate import Prediction
 from xraylib.notebooks import (
     NOTEBOOKS,
     NotebookError,
@@ -40,6 +39,7 @@ from xraylib.notebooks import (
     scrub,
     tidy_outputs,
 )
+from xraylib.predict import Prediction
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PARAMETERS = {f.name for f in dataclasses.fields(config.TrainConfig)}  # every knob, as in the CLI

@@ -184,7 +184,7 @@ from IPython.display import Markdown, display
 
 from xraylib import plots
 from xraylib.compare import compare_evaluations
-from xraylib.evaluate import evaluate_model, predict_images
+from xraylib.evaluate import evaluate_model
 from xraylib.explain import explain_rows, rows_to_explain
 from xraylib.labels import label_table
 from xraylib.model import load_model
@@ -196,7 +196,8 @@ from xraylib.notebooks import (
     operating_points_table,
     predictions_table,
     subgroups_table,
-)"""),
+)
+from xraylib.predict import predict_images"""),
     ("code", """trained = load_model(model)
 table = label_table(labels, image_column=image_column, label_column=label_column, positive=positive,
                     patient_column=patient_column, split_column=split_column)

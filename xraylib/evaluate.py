@@ -373,6 +373,3 @@ def evaluate_model(
         f"{time.perf_counter() - started:.1f} s" + (f"; wrote {', '.join(names[:-1])} and {names[-1]} to {out}" if names else ""))
     return evaluation
 
-
-# Scoring unlabelled images moved to predict.py; notebooks and older code import these from here.
-from xraylib.predict import Prediction, predict_images  # noqa: E402, F401

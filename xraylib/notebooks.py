@@ -464,7 +464,7 @@ def common_folder(locations: Sequence[str]) -> str:
 
 
 def predictions_table(predictions: Sequence[Any]) -> Table:
-    """One row per `evaluate.Prediction`: the image, the class given, the probability of pneumonia.
+    """One row per `predict.Prediction`: the image, the class given, the probability of pneumonia.
     Images are named from the folder or prefix they all share, which the title gives."""
     folder = common_folder([p.image for p in predictions])
     rows = tuple((p.image.removeprefix(folder + "/") if folder else p.image, p.label, f"{p.probability:.4f}")
