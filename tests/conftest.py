@@ -3,7 +3,10 @@ a fresh bucket per test, an isolated cache, and generated datasets."""
 
 from __future__ import annotations
 
+import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,10 +21,11 @@ def s3_server():
 
 
 @pytest.fixture
-def bucket(s3_server) -> str:
+def bucket(s3_server) -> Iterator[str]:
     name = f"test-{uuid.uuid4().hex[:12]}"
     locals3.create_bucket(name)
-    return name
+    yield name
+    locals3.delete_bucket(name, s3_server.endpoint_url)
 
 
 @pytest.fixture
@@ -36,6 +40,18 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "cache"
     monkeypatch.setenv("XRAYLIB_CACHE_DIR", str(path))
     return path
+
+
+@contextmanager
+def scratch_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """A folder for a module's shared fixture, removed when the fixture ends: a trained ResNet50
+    with its checkpoint is several hundred MB, and pytest keeps a passing test's folders only
+    under tmp_path (see tmp_path_retention_policy in pyproject.toml)."""
+    path = tmp_path_factory.mktemp(name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import scratch_dir
 from xraylib import cli, config, dataset, storage, synthetic
 from xraylib.evaluate import evaluate_loaded
 from xraylib.model import load_model
@@ -109,13 +110,13 @@ RUN_FLAGS = ["--epochs", "1", "--image-size", "32", "--batch-size", "16", "--wei
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_dataset):
     """The output folder of a finished one-epoch run, as `xraylib train` with RUN_FLAGS leaves it."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XRAYLIB_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    with scratch_dir(tmp_path_factory, "finished") as root, pytest.MonkeyPatch.context() as mp:
+        out = root / "run"
+        mp.setenv("XRAYLIB_CACHE_DIR", str(root / "cache"))
         cfg = config.make_train_config(data=str(tiny_dataset), out=str(out), epochs=1, image_size=32, batch_size=16,
                                        weights="none")
         train(cfg, log=lambda _: None, progress=False)
-    return out
+        yield out
 
 
 def _resume(capsys, data, out, *flags: str) -> tuple[int, str, str]:

@@ -5,12 +5,14 @@ model card, and metrics.json staying strict JSON when a class or a subgroup is m
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.stats import norm
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
+from tests.conftest import scratch_dir
 from xraylib import calibration, cli, config, dataset, storage
 from xraylib.compare import compare_evaluations
 from xraylib.evaluate import choose_threshold, evaluate_loaded, evaluate_model
@@ -297,12 +299,16 @@ def blob_tile(rng: np.random.Generator, positive: bool) -> tuple[np.ndarray, np.
 def blob_model(tmp_path_factory):
     """A ResNet50 trained by `train` (64 px, 5 epochs, 1 thread: under a minute) on images whose
     class is carried only by the blob."""
+    with scratch_dir(tmp_path_factory, "blobs") as root:
+        return _train_blob_model(root)
+
+
+def _train_blob_model(root: Path):
     import torch
 
     from xraylib.synthetic import encode
     from xraylib.training import train
 
-    root = tmp_path_factory.mktemp("blobs")
     rng = np.random.default_rng(0)
     for cls in ("NORMAL", "PNEUMONIA"):
         folder = root / "train" / cls

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 
+from tests.conftest import scratch_dir
 from tests.jupyterlab import jupyter_lab
 from xraylib import config, locals3, plots, storage
 from xraylib.errors import ConfigError
@@ -351,11 +352,13 @@ def trained(s3_server, tiny_dataset, tmp_path_factory):
     locals3.create_bucket(bucket)
     data = f"s3://{bucket}/chest_xray"
     storage.upload_directory(tiny_dataset, data)
-    env = {**os.environ, "XRAYLIB_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
-    run = f"s3://{bucket}/runs/tiny"
-    result = xraylib_cmd("run", "train", "-p", "data", data, "-p", "out", run, *TINY_TRAIN, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {"bucket": bucket, "data": data, "run": run, "stdout": result.stdout, "env": env}
+    with scratch_dir(tmp_path_factory, "cache") as cache:
+        env = {**os.environ, "XRAYLIB_CACHE_DIR": str(cache)}
+        run = f"s3://{bucket}/runs/tiny"
+        result = xraylib_cmd("run", "train", "-p", "data", data, "-p", "out", run, *TINY_TRAIN, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        yield {"bucket": bucket, "data": data, "run": run, "stdout": result.stdout, "env": env}
+    locals3.delete_bucket(bucket, s3_server.endpoint_url)
 
 
 def assert_shows_what_a_reviewer_asks(nb: nbformat.NotebookNode) -> None:

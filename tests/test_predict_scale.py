@@ -10,11 +10,13 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.conftest import scratch_dir
 from xraylib import storage, synthetic
 from xraylib.model import build_resnet50, model_metadata, save_model
 
@@ -22,9 +24,13 @@ IMAGE_SIZE = 32  # the model's; the files are 32-48 px
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> tuple[Path, Path, Path]:
+def images(tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
     """(model file, a folder of 500 images, a folder of 5,000 images that holds those 500 too)."""
-    root = tmp_path_factory.mktemp("scale")
+    with scratch_dir(tmp_path_factory, "scale") as root:
+        yield _write_images(root)
+
+
+def _write_images(root: Path) -> tuple[Path, Path, Path]:
     big, small = root / "big", root / "small"
     big.mkdir()
     small.mkdir()

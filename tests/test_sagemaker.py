@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import scratch_dir
 from xraylib import config, locals3, storage
 from xraylib.errors import ConfigError, TrainingJobError
 from xraylib.sagemaker import job_hyperparameters, parse_hyperparameters
@@ -316,9 +317,14 @@ def epoch_lines(text: str) -> list[str]:
 def finished_job(s3_server, sdk_env, role, tiny_dataset, tmp_path_factory) -> dict:
     """A job launched against moto, then run as the container would: killed once its first epoch
     is checkpointed, and started again with the checkpoint folder left in place."""
-    tmp = tmp_path_factory.mktemp("job")
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     locals3.create_bucket(bucket)
+    with scratch_dir(tmp_path_factory, "job") as tmp:
+        yield _run_killed_and_resumed_job(tmp, bucket, sdk_env, role, tiny_dataset)
+    locals3.delete_bucket(bucket, s3_server.endpoint_url)
+
+
+def _run_killed_and_resumed_job(tmp: Path, bucket: str, sdk_env: dict[str, str], role: str, tiny_dataset: Path) -> dict:
     data, out = f"s3://{bucket}/chest_xray", f"s3://{bucket}/runs/job"
     storage.upload_directory(tiny_dataset, data)
     launched = xraylib("sagemaker", "train", "--data", data, "--out", out, "--instance-type", "ml.m5.xlarge",
@@ -337,6 +343,9 @@ def finished_job(s3_server, sdk_env, role, tiny_dataset, tmp_path_factory) -> di
     while (not checkpoint.exists() or not epoch_lines((tmp / "first.log").read_text())) and first.poll() is None \
             and time.monotonic() < deadline:
         time.sleep(0.1)
+    if first.poll() is not None:
+        pytest.fail(f"the first run ended by itself (exit {first.returncode}) before it could be killed:\n"
+                    + (tmp / "first.log").read_text()[-3000:])
     os.killpg(first.pid, signal.SIGKILL)  # the whole container: driver, torchrun and its workers
     first.wait(timeout=30)
     published_after_kill = sorted(p.name for p in (opt_ml / "model").iterdir())

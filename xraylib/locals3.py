@@ -99,3 +99,21 @@ def create_bucket(name: str) -> None:
     import boto3
 
     boto3.session.Session().client("s3").create_bucket(Bucket=name)
+
+
+def delete_bucket(name: str, endpoint_url: str | None = None) -> None:
+    """Delete a bucket and every object version in it, on `endpoint_url` (default: wherever boto3
+    is pointed). The local server keeps each object over a few MB in a temporary file until the
+    object is deleted, so a long test session that leaves its models behind fills the disk."""
+    import boto3
+
+    s3 = boto3.session.Session().client("s3", endpoint_url=endpoint_url)
+    while True:  # the first page again each time: a page after deletions is not where it was
+        page = s3.list_object_versions(Bucket=name)
+        doomed = [{"Key": v["Key"], "VersionId": v["VersionId"]}
+                  for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
+        if not doomed:
+            break
+        for start in range(0, len(doomed), 1000):  # DeleteObjects takes at most 1,000 keys
+            s3.delete_objects(Bucket=name, Delete={"Objects": doomed[start:start + 1000], "Quiet": True})
+    s3.delete_bucket(Bucket=name)
