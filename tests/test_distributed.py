@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -180,10 +181,12 @@ def test_torchrun_trains_one_model_from_s3_with_one_download_per_image_and_resum
     for name in ("accuracy", "sensitivity", "specificity", "roc_auc", "pr_auc", "threshold"):
         assert saved[name] == pytest.approx(expected[name], abs=1e-6), name
     assert model.temperature == pytest.approx(temperature, rel=1e-4)
-    # It learns: the training loss falls well below the 0.69 (ln 2) of a model that cannot tell the
-    # classes apart, and the kept model ranks held-out patients better than chance.
-    assert history[-1]["train_loss"] < 0.6 and history[-1]["train_loss"] < history[0]["train_loss"], history
-    assert saved["roc_auc"] > 0.5, history
+    # It learns: the training loss falls, below the 0.69 (ln 2) of a model that cannot tell the
+    # classes apart, and the kept model ranks held-out patients well above chance. (Three epochs end
+    # at a loss of 0.47 with torch 2.14 and 0.64 with torch 2.4, the floor: a tighter bound tests
+    # the torch release, not the sharding.)
+    assert history[-1]["train_loss"] < math.log(2) and history[-1]["train_loss"] < history[0]["train_loss"], history
+    assert saved["roc_auc"] >= 0.75, history
 
 
 @pytest.mark.timeout(300)
@@ -220,13 +223,21 @@ def test_one_rank_killed_ends_the_job_with_an_error_within_a_minute(tiny_dataset
 
 
 @pytest.mark.timeout(400)
-def test_sigterm_saves_a_checkpoint_at_the_next_step_and_resume_takes_no_step_twice(tiny_dataset, tmp_path):
+def test_sigterm_saves_a_checkpoint_at_the_next_step_and_resume_takes_no_step_twice(tiny_dataset, tmp_path, request):
     # 96 px: an epoch of about a second, so that the signal, sent 0.3 s into the second epoch, lands
     # between its steps on a fast machine as on a loaded one.
     flags = ["--epochs", "2", "--image-size", "96", "--batch-size", "4", "--weights", "none", "--precision", "fp32"]
     out = tmp_path / "stopped"
     command = [sys.executable, "-m", "xraylib", "train", "--data", str(tiny_dataset), "--out", str(out), *flags]
     env = {**os.environ, **CHILD_ENV}
+    # The same run without the interruption, on the other core meanwhile: it ends with as many
+    # optimizer steps and the very same weights (one thread each, as a thread count sums in its order).
+    whole, whole_log = tmp_path / "whole", tmp_path / "whole.log"
+    with whole_log.open("w") as log:
+        uninterrupted_run = subprocess.Popen(
+            [sys.executable, "-m", "xraylib", "train", "--data", str(tiny_dataset), "--out", str(whole), *flags],
+            env={**env, "XRAYLIB_CACHE_DIR": str(tmp_path / "whole-cache")}, stdout=log, stderr=subprocess.STDOUT)
+    request.addfinalizer(uninterrupted_run.kill)  # a no-op once it has ended
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (out / config.CURVES_FILENAME).exists() and time.monotonic() < deadline and process.poll() is None:
@@ -248,11 +259,7 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_resume_takes_no_step_tw
     assert f"resuming {out} at step {step} of {steps_per_epoch} of epoch {epoch}" in resumed.stdout
     assert _epoch_lines(resumed.stdout) == [f"{e}/2" for e in range(epoch, 3)]
 
-    # The same run without the interruption: as many optimizer steps, and the very same weights.
-    # Run as the interrupted one ran (its threads too: another thread count sums in another order).
-    whole = tmp_path / "whole"
-    subprocess.run([sys.executable, "-m", "xraylib", "train", "--data", str(tiny_dataset), "--out", str(whole), *flags],
-                   env=env, capture_output=True, text=True, timeout=300, check=True)
+    assert uninterrupted_run.wait(timeout=300) == 0, whole_log.read_text()
     finished = torch.load(out / "checkpoint.pt", weights_only=True)
     uninterrupted = torch.load(whole / "checkpoint.pt", weights_only=True)
     assert int(finished["optimizer"]["state"][0]["step"]) == int(uninterrupted["optimizer"]["state"][0]["step"])

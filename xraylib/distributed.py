@@ -112,6 +112,10 @@ def process_group(device: str = "auto") -> Iterator[tuple[Topology, Any]]:
                                 **({"device_id": torch_device} if torch_device.type == "cuda" else {}))
     try:
         yield topology, torch_device
+        if started_here:
+            # Every rank leaves together: destroying a gloo group while a peer is still in its last
+            # collective can hang (seen with torch 2.4: both ranks waited in destroy_process_group).
+            dist.barrier()
     finally:
         if started_here and dist.is_initialized():
             dist.destroy_process_group()
