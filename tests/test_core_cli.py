@@ -19,6 +19,18 @@ def xraylib(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
                           env={**os.environ, **(env or {})})
 
 
+def xraylib_at_once(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Each of `commands` (the arguments of `xraylib`) run at the same time, their results in order:
+    one that only reaches an error spends most of its time importing, which the cores share."""
+    running = [subprocess.Popen([sys.executable, "-m", "xraylib", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for args in commands]
+    results = []
+    for args, process in zip(commands, running, strict=True):
+        stdout, stderr = process.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(args, process.returncode, stdout, stderr))
+    return results
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -82,24 +94,28 @@ def test_upload_train_evaluate_predict_from_s3(bucket, tiny_dataset, tmp_path):
 
 
 def test_user_errors_print_one_line_and_exit_nonzero(bucket, tiny_dataset, tmp_path):
-    # An --out that cannot be written to is found before a single image is decoded.
-    unwritable = xraylib("train", "--data", str(tiny_dataset), "--out", "s3://no-such-bucket-xyz/run")
-    assert_one_line_error(unwritable, "no-such-bucket-xyz", "does not exist")
-    assert "found" not in unwritable.stdout and "epoch" not in unwritable.stdout
     (tmp_path / "a-file").write_text("in the way")
-    assert_one_line_error(xraylib("train", "--data", str(tiny_dataset), "--out", str(tmp_path / "a-file" / "run")),
-                          "cannot write", "a-file/run/history.json")
-    assert_one_line_error(xraylib("train", "--data", "s3://no-such-bucket-xyz/data", "--out", str(tmp_path / "o")),
-                          "no-such-bucket-xyz", "does not exist")
-    assert_one_line_error(xraylib("train", "--data", f"s3://{bucket}/empty", "--out", str(tmp_path / "o")),
-                          f"s3://{bucket}/empty")
     (tmp_path / "model.pt").write_text("not a model")
-    assert_one_line_error(xraylib("predict", "--model", str(tmp_path / "model.pt"), "x.jpeg"), "model.pt")
     (tmp_path / "scan.jpeg").write_bytes(b"\xff\xd8\xff garbage")
-    assert_one_line_error(xraylib("evaluate", "--model", str(tmp_path / "nowhere"), "--data", str(tmp_path),
-                                  "--out", str(tmp_path / "e")), "nowhere")
-    assert_one_line_error(xraylib("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--epochs", "0"),
-                          "epochs must be at least 1")
+    cases = [
+        # An --out that cannot be written to is found before a single image is decoded.
+        (["train", "--data", str(tiny_dataset), "--out", "s3://no-such-bucket-xyz/run"],
+         ["no-such-bucket-xyz", "does not exist"]),
+        (["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "a-file" / "run")],
+         ["cannot write", "a-file/run/history.json"]),
+        (["train", "--data", "s3://no-such-bucket-xyz/data", "--out", str(tmp_path / "o")],
+         ["no-such-bucket-xyz", "does not exist"]),
+        (["train", "--data", f"s3://{bucket}/empty", "--out", str(tmp_path / "o")], [f"s3://{bucket}/empty"]),
+        (["predict", "--model", str(tmp_path / "model.pt"), "x.jpeg"], ["model.pt"]),
+        (["evaluate", "--model", str(tmp_path / "nowhere"), "--data", str(tmp_path), "--out", str(tmp_path / "e")],
+         ["nowhere"]),
+        (["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--epochs", "0"], ["epochs must be at least 1"]),
+    ]
+    results = xraylib_at_once(*(args for args, _ in cases))
+    for (_, fragments), result in zip(cases, results, strict=True):
+        assert_one_line_error(result, *fragments)
+    unwritable = results[0]
+    assert "found" not in unwritable.stdout and "epoch" not in unwritable.stdout
 
 
 def test_missing_credentials_are_a_clear_error(s3_server, tmp_path):

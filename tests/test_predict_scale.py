@@ -72,11 +72,17 @@ print(f"rise {peak_mb() - before:.1f} MB; {report}")
 """
 
 
-def _scoring_peak_rise_mb(model: Path, folder: Path, out: Path) -> tuple[float, str]:
-    result = subprocess.run([sys.executable, "-c", _MEASURE, str(model), str(folder), str(out)], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr
-    match = re.search(r"rise ([\d.]+) MB; (.*)", result.stdout)
+def _start_scoring(model: Path, folder: Path, out: Path) -> subprocess.Popen:
+    """A child that scores `folder` into `out` and reports the rise of its own peak memory: children
+    run side by side (one thread each) measure their own peaks."""
+    return subprocess.Popen([sys.executable, "-c", _MEASURE, str(model), str(folder), str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _scoring_peak_rise_mb(child: subprocess.Popen) -> tuple[float, str]:
+    stdout, stderr = child.communicate(timeout=300)
+    assert child.returncode == 0, stderr
+    match = re.search(r"rise ([\d.]+) MB; (.*)", stdout)
     return float(match.group(1)), match.group(2)
 
 
@@ -84,8 +90,9 @@ def _scoring_peak_rise_mb(model: Path, folder: Path, out: Path) -> tuple[float, 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory is reset through Linux's /proc")
 def test_predict_over_5000_images_peaks_no_higher_than_over_500_and_a_rerun_scores_nothing_twice(images, tmp_path):
     model, small, big = images
-    rise_500, report_500 = _scoring_peak_rise_mb(model, small, tmp_path / "small.csv")
-    rise_5000, report_5000 = _scoring_peak_rise_mb(model, big, tmp_path / "big.csv")
+    over_500, over_5000 = _start_scoring(model, small, tmp_path / "small.csv"), _start_scoring(model, big, tmp_path / "big.csv")
+    rise_500, report_500 = _scoring_peak_rise_mb(over_500)
+    rise_5000, report_5000 = _scoring_peak_rise_mb(over_5000)
     assert report_500 == f"scored 500 image(s), 0 already in {tmp_path / 'small.csv'}"
     assert report_5000 == f"scored 5000 image(s), 0 already in {tmp_path / 'big.csv'}"
     # Margin: 20 MB. Holding every decoded image until the end (as predict did before it streamed)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -47,6 +48,11 @@ TINY_JOB = ["--epochs", "2", "--image-size", "32", "--batch-size", "16", "--weig
 def xraylib(*args: str, env: dict[str, str], timeout: int = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "xraylib", *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
+
+
+def finished(process: subprocess.Popen, timeout: int = 180) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -175,17 +181,21 @@ def test_the_launcher_creates_the_job_it_is_asked_for(bucket, role, sdk_env):
 def test_no_role_no_region_or_no_sdk_is_one_clear_line(bucket, role, sdk_env, tmp_path):
     args = ["sagemaker", "train", "--data", f"s3://{bucket}/chest_xray", "--out", f"s3://{bucket}/runs/x",
             "--instance-type", "ml.m5.xlarge", "--image-uri", "123456789012.dkr.ecr.us-east-1.amazonaws.com/mine:1"]
-    # No --role, and the caller (moto's STS: an IAM user) has no role behind it.
-    assert_one_line_error(xraylib(*args, env=sdk_env), "no SageMaker execution role", "--role arn:aws:iam::")
-    # No region anywhere in boto3's chain.
     no_region = {k: v for k, v in sdk_env.items() if k not in ("AWS_DEFAULT_REGION", "AWS_REGION")}
     no_region.update(AWS_CONFIG_FILE=str(tmp_path / "none"))
-    assert_one_line_error(xraylib(*args, "--role", role, env=no_region), "no AWS region", "AWS_DEFAULT_REGION")
-    # Without the SDK (the `sagemaker` extra not installed), the command says how to install it.
     blocked = "import sys; sys.modules['sagemaker'] = None; from xraylib.cli import main; sys.exit(main(sys.argv[1:]))"
-    without_sdk = subprocess.run([sys.executable, "-c", blocked, *args, "--role", role], capture_output=True, text=True,
-                                 env=sdk_env, timeout=120)
-    assert_one_line_error(without_sdk, "pip install 'xraylib[sagemaker]'")
+    # The three at once: each spends most of its time importing the SDK, which the cores share.
+    no_role, no_region_result, without_sdk = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command, env in (
+            ([sys.executable, "-m", "xraylib", *args], sdk_env),
+            ([sys.executable, "-m", "xraylib", *args, "--role", role], no_region),
+            ([sys.executable, "-c", blocked, *args, "--role", role], sdk_env))]
+    # No --role, and the caller (moto's STS: an IAM user) has no role behind it.
+    assert_one_line_error(finished(no_role), "no SageMaker execution role", "--role arn:aws:iam::")
+    # No region anywhere in boto3's chain.
+    assert_one_line_error(finished(no_region_result), "no AWS region", "AWS_DEFAULT_REGION")
+    # Without the SDK (the `sagemaker` extra not installed), the command says how to install it.
+    assert_one_line_error(finished(without_sdk), "pip install 'xraylib[sagemaker]'")
 
 
 def test_settings_a_job_cannot_run_with_are_refused_before_anything_is_uploaded(bucket, s3_client, tmp_path):
@@ -314,7 +324,7 @@ def epoch_lines(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished_job(s3_server, sdk_env, role, tiny_dataset, tmp_path_factory) -> dict:
+def finished_job(s3_server, sdk_env, role, tiny_dataset, tmp_path_factory) -> Iterator[dict]:
     """A job launched against moto, then run as the container would: killed once its first epoch
     is checkpointed, and started again with the checkpoint folder left in place."""
     bucket = f"test-{uuid.uuid4().hex[:12]}"
