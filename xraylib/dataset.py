@@ -63,20 +63,15 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(config.IMAGE_SUFFIXES)
 
 
-def has_no_extension(name: str) -> bool:
-    """A file name without a dot (hidden files and `README.txt` have one): DICOM archives often store
-    images so, and only its first bytes tell whether it is one."""
-    return "." not in name.rsplit("/", 1)[-1]
-
-
 def dicom_headers(objects: Sequence[storage.ObjectInfo], cache_dir: Path | None = None) -> dict[str, tuple[bool, str | None]]:
     """For each of `objects` that may be DICOM (`.dcm`, or no extension): whether it is DICOM and its
     patient key (`dicom.patient_key` of the Patient ID tag, None without one). They are fetched
     into the object cache, where decoding then finds them."""
-    candidates = [o for o in objects if o.relpath.lower().endswith(".dcm") or has_no_extension(o.relpath)]
+    from xraylib import dicom
+
+    candidates = [o for o in objects if o.relpath.lower().endswith(".dcm") or dicom.has_no_extension(o.relpath)]
     if not candidates:
         return {}
-    from xraylib import dicom
 
     def read(obj: storage.ObjectInfo) -> tuple[bool, str | None]:
         data = storage.fetch(obj, cache_dir or config.default_cache_dir()).read_bytes()

@@ -33,6 +33,12 @@ def is_dicom(data: bytes, name: str = "") -> bool:
     return data[128:_PREAMBLE_END] == b"DICM" or name.lower().endswith(".dcm")
 
 
+def has_no_extension(name: str) -> bool:
+    """A file name without a dot (hidden files and `README.txt` have one): DICOM archives often store
+    images so, and only the file's first bytes (`is_dicom`) tell whether it is one."""
+    return "." not in name.rsplit("/", 1)[-1]
+
+
 def _read(data: bytes, name: str, **kwargs: Any) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -138,4 +144,5 @@ def decode_dicom(data: bytes, name: str) -> np.ndarray:
                                "replace or remove it (or pass --skip-bad to skip bad images)") from None
 
 
-__all__ = ["decode_dicom", "is_dicom", "patient_key", "read_patient", "supported_transfer_syntaxes", "to_display"]
+__all__ = ["decode_dicom", "has_no_extension", "is_dicom", "patient_key", "read_patient", "supported_transfer_syntaxes",
+           "to_display"]

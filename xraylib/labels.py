@@ -27,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from xraylib import config, dataset, storage
+from xraylib import config, dataset, dicom, storage
 from xraylib.errors import ConfigError, DatasetError
 
 ROWS_WITHOUT_IMAGE = "row(s) name no image below the data location"
@@ -194,7 +194,7 @@ def list_labelled_images(data: str, table: LabelTable, split: str | None = None)
     if not objects:
         raise DatasetError(f"no files found in {data}: check the location (and that the upload finished)")
     table_name = table.location.rstrip("/").rsplit("/", 1)[-1]
-    candidates = [o for o in objects if dataset.is_image_name(o.relpath) or dataset.has_no_extension(o.relpath)]
+    candidates = [o for o in objects if dataset.is_image_name(o.relpath) or dicom.has_no_extension(o.relpath)]
     finder = _Finder(candidates)
 
     unmatched: dict[str, list[str]] = {key: [] for key in (ROWS_WITHOUT_IMAGE, AMBIGUOUS_ROWS, ROWS_WITHOUT_LABEL)}
@@ -231,7 +231,7 @@ def list_labelled_images(data: str, table: LabelTable, split: str | None = None)
 
     # A file with no extension that no row names is an image only if it is DICOM: look before counting it.
     no_row = [o for o in candidates if o.location not in named]
-    headers = dataset.dicom_headers([o for o in no_row if dataset.has_no_extension(o.relpath)])
+    headers = dataset.dicom_headers([o for o in no_row if dicom.has_no_extension(o.relpath)])
     images_without_row = [o.relpath for o in no_row if headers.get(o.location, (True, None))[0]]
     candidate_locations = {o.location for o in candidates}
     ignored = [o.relpath for o in objects

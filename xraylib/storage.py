@@ -657,11 +657,11 @@ def upload_directory(src: str | Path, dest: str, *, suffixes: tuple[str, ...] = 
     if not src_objects:
         raise LocationError(f"{src}: no files to upload")
 
+    from xraylib import dicom
+
     def is_image(obj: ObjectInfo) -> bool:
-        if obj.relpath.lower().endswith(suffixes):
-            return True
-        # DICOM archives often store images without an extension: the DICM mark after the preamble tells.
-        return "." not in obj.relpath.rsplit("/", 1)[-1] and read_bytes(obj.location)[128:132] == b"DICM"
+        return obj.relpath.lower().endswith(suffixes) or (
+            dicom.has_no_extension(obj.relpath) and dicom.is_dicom(read_bytes(obj.location)))
 
     chosen = parallel_map(is_image, src_objects)
     wanted = [o for o, keep in zip(src_objects, chosen, strict=True) if keep]

@@ -173,7 +173,7 @@ def validate(network: Any, loss_fn: Any, data: dataset.LoadedImages, *, device: 
     temperature, bias = fit_calibration(labels, logits)
     probs = probabilities_from_logits(logits, temperature, bias)
     threshold = choose_threshold(labels, probs, threshold_policy)
-    return {"loss": val_loss, "temperature": temperature, "bias": bias, "logits": logits,
+    return {"loss": val_loss, "temperature": temperature, "bias": bias,
             "operating_points": choose_operating_points(labels, probs),
             "at_half": compute_metrics(labels, probs, 0.5, data.class_names),
             "chosen": compute_metrics(labels, probs, threshold, data.class_names)}
@@ -445,6 +445,13 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, *, log
             _save_checkpoint(checkpoint_loc, network, ema, scaler, optimizer, scheduler, generator, epoch, history, best,
                              cfg, world_size=topology.world_size, **extra)
 
+    def stopped_by_sigterm(when: str) -> TrainingStopped:
+        """Once every rank has its checkpoint saved: the log line, and the error that ends the run."""
+        distributed.barrier(topology)
+        log(f"stopped by SIGTERM {when}; checkpoint saved to {checkpoint_loc}")
+        return TrainingStopped(f"stopped by SIGTERM {when}, checkpoint saved to {checkpoint_loc}: "
+                               "run again with --resume to continue from there")
+
     # SIGTERM is noted from here on, and acted on at a step boundary; before, there is nothing to save
     # and it ends the process at once.
     with distributed.StopSignal() as stop:
@@ -473,12 +480,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, *, log
                 else:
                     save_checkpoint(epoch - 1, step=stopped.steps_done, epoch_generator=epoch_start_state,
                                     epoch_loss=(stopped.loss_sum, stopped.seen))
-                distributed.barrier(topology)
-                log(f"stopped by SIGTERM at step {stopped.steps_done} of {steps_per_epoch} of epoch {epoch}; "
-                    f"checkpoint saved to {checkpoint_loc}")
-                raise TrainingStopped(f"stopped by SIGTERM at step {stopped.steps_done} of {steps_per_epoch} of epoch {epoch}, "
-                                      f"checkpoint saved to {checkpoint_loc}: run again with --resume to continue from there"
-                                      ) from None
+                raise stopped_by_sigterm(f"at step {stopped.steps_done} of {steps_per_epoch} of epoch {epoch}") from None
             first_step, carried = 0, (0.0, 0)
             # With an EMA, the averaged weights are the ones validated and kept.
             kept = network if ema is None else ema.module
@@ -501,6 +503,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, *, log
                 f"{seconds:.0f}s{'  (best so far)' if improved else ''}")
             if improved:
                 best = {"epoch": epoch, "roc_auc": row["val_roc_auc"], "val_loss": row["val_loss"], "metrics": val["chosen"]}
+            if improved and topology.is_main:
                 metadata = model_metadata(class_names=data.index.class_names, image_size=cfg.image_size,
                                           equalize=cfg.equalize, threshold=val["chosen"]["threshold"],
                                           threshold_policy=cfg.threshold_policy, temperature=val["temperature"],
@@ -510,16 +513,12 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, *, log
                                           best_epoch=epoch, val_metrics=val["chosen"],
                                           **({"sizing": sizing.to_dict()} if sizing is not None else {}),
                                           data_counts={"train": len(data.train), "val": len(data.val)})
-                if topology.is_main:
-                    storage.write_bytes(model_loc, model_to_bytes(kept, metadata))
+                storage.write_bytes(model_loc, model_to_bytes(kept, metadata))
             save_checkpoint(epoch)
             if topology.is_main:
                 _write_history(out, history)
             if epoch < cfg.epochs and distributed.agree(stop.requested, topology, device):
-                distributed.barrier(topology)
-                log(f"stopped by SIGTERM after epoch {epoch}; checkpoint saved to {checkpoint_loc}")
-                raise TrainingStopped(f"stopped by SIGTERM after epoch {epoch}, checkpoint saved to {checkpoint_loc}: "
-                                      "run again with --resume to continue from there")
+                raise stopped_by_sigterm(f"after epoch {epoch}")
 
     if sizing is not None:
         log(f"trained in {(time.perf_counter() - run_started) / 60:.1f} min of the {sizing.budget_s / 60:.0f} min budget "
