@@ -377,9 +377,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, *, log
     if topology.is_main:
         _write_history_json(out, history)
 
-    label_table = labels.label_table(cfg.labels, image_column=cfg.image_column, label_column=cfg.label_column,
-                                     positive=cfg.positive, patient_column=cfg.patient_column,
-                                     split_column=cfg.split_column)
+    label_table = labels.label_table(cfg.labels, **{name: getattr(cfg, name) for name in config.LABEL_OPTIONS[1:]})
     index = distributed.broadcast_object(
         labels.index_images(cfg.data, split="train", labels=label_table) if topology.is_main else None, topology)
     sizing = None
