@@ -692,11 +692,9 @@ def augment_batch(pixels: Any, generator: Any = None, level: str = "acquisition"
 
     - 'geometry': small rotations, shifts and zoom, and contrast and brightness.
     - 'acquisition': what another detector, protocol or technician changes: framing (zoom from
-      0.8 to 1.25, wider shifts, a stretch of up to 10% along one axis, and for half the images a
-      black surround where the film ends instead of its edge repeated, and a dark frame), gamma,
-      softness (Gaussian blur) and detector noise. The stretch stands for films of another format:
-      every film, whatever its shape, is squashed to a square, so a new detector's format changes
-      the anatomy's proportions. Framing matters most: in the training images NORMAL films have far more
+      0.8 to 1.25, wider shifts, and for half the images a black surround where the film ends
+      instead of its edge repeated, and a dark frame), gamma, softness (Gaussian blur) and
+      detector noise. Framing matters most: in the training images NORMAL films have far more
       black border than PNEUMONIA ones (40% of their edge pixels against 21%), and a model trained
       with 'geometry' calls a pneumonia film with a black frame normal and a tightly cropped normal
       film pneumonia (benchmarks/bench_shift.py). NORMAL films are also sharper (sharpness alone
@@ -725,8 +723,7 @@ def augment_batch(pixels: Any, generator: Any = None, level: str = "acquisition"
                          shift_y=uniform(-0.06, 0.06))
     else:
         framing = {"angle": uniform(-10, 10), "scale": torch.exp(uniform(math.log(0.8), math.log(1.25))),
-                   "shift_x": uniform(-0.08, 0.08), "shift_y": uniform(-0.08, 0.08),
-                   "aspect": torch.exp(uniform(-math.log(1.1), math.log(1.1)))}
+                   "shift_x": uniform(-0.08, 0.08), "shift_y": uniform(-0.08, 0.08)}
         edge = affine_batch(pixels, **framing)
         black = affine_batch(pixels, **framing, fill="zeros")
         x = torch.where(chance(0.5).view(b, 1, 1, 1), black, edge)
@@ -776,10 +773,8 @@ def _dark_frame(x: Any, fraction: Any) -> Any:
     return x * inside.unsqueeze(1).to(x.dtype)
 
 
-def affine_batch(pixels: Any, *, angle: Any, scale: Any, shift_x: Any, shift_y: Any, aspect: Any = 1.0,
-                 fill: str = "border") -> Any:
-    """Rotate (degrees), zoom, stretch (`aspect` > 1 makes the content taller and narrower, at the
-    same area) and shift (fractions of the side) each image; numbers or one per image.
+def affine_batch(pixels: Any, *, angle: Any, scale: Any, shift_x: Any, shift_y: Any, fill: str = "border") -> Any:
+    """Rotate (degrees), zoom and shift (fractions of the side) each image; numbers or one per image.
     uint8 [B, H, W] in, float [B, 1, H, W] in 0..1 out; what comes into view beyond the edges is the
     edge extended ('border') or black ('zeros', as around a film)."""
     import torch
@@ -792,12 +787,8 @@ def affine_batch(pixels: Any, *, angle: Any, scale: Any, shift_x: Any, shift_y: 
         return torch.as_tensor(value, dtype=torch.float32, device=x.device).expand(b)
 
     radians = per_image(angle) * (math.pi / 180)
-    root = per_image(aspect).sqrt()
-    # theta maps output to input coordinates: rotation times the inverse of the per-axis zoom.
-    zoom_x, zoom_y = per_image(scale) / root, per_image(scale) * root
-    cos, sin = torch.cos(radians), torch.sin(radians)
-    theta = torch.stack([torch.stack([cos / zoom_x, -sin / zoom_y, per_image(shift_x)], 1),
-                         torch.stack([sin / zoom_x, cos / zoom_y, per_image(shift_y)], 1)], 1)
+    cos, sin = torch.cos(radians) / per_image(scale), torch.sin(radians) / per_image(scale)
+    theta = torch.stack([torch.stack([cos, -sin, per_image(shift_x)], 1), torch.stack([sin, cos, per_image(shift_y)], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=fill, align_corners=False)
 

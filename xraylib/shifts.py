@@ -8,11 +8,11 @@ image goes through the very decoding and preprocessing that `evaluate` and `pred
 
 The suite is kept apart from training's augmentation (`dataset.augment_batch`): where a shift's
 family is one that augmentation draws from, the shift is stronger than anything training draws
-(rotations of 15 degrees against 10, zoom 1.2 against 1.1, a cropped top's 13.6% stretch against
-10%, gamma 0.6 and 1.6 against 0.78-1.28, blur of 1.5 px at full size and noise of 10 grey levels
-against what the model's smaller input sees), and `TRAINED_FAMILIES` says which families each augmentation level draws, so that a
-report can also give the mean and worst over the shifts a model never trained on: re-compression
-and burnt-in markers for every level, and a cropped top for all but 'acquisition'.
+(rotations of 15 degrees against 10, zoom 1.2 against 1.1, gamma 0.6 and 1.6 against 0.78-1.28,
+blur of 1.5 px at full size and noise of 10 grey levels against what the model's smaller input
+sees), and `TRAINED_FAMILIES` says which families each augmentation level draws, so that a
+report can also give the mean and worst over the shifts a model never trained on: re-compression,
+cropping and burnt-in markers for every level.
 
 `load_shifted` decodes a list of image locations under one shift; `shift_metrics` scores a
 model's probabilities under every shift and summarizes them (clean, mean, worst).
@@ -177,9 +177,7 @@ FAMILIES = {
 TRAINED_FAMILIES = {
     "none": frozenset(),
     "geometry": frozenset({"exposure", "contrast", "zoom", "rotation"}),
-    # 'framing' since the stretch joined the acquisition level: a cropped top is a vertical stretch too.
-    "acquisition": frozenset({"exposure", "contrast", "zoom", "rotation", "gamma", "noise", "softness", "frame",
-                              "framing"}),
+    "acquisition": frozenset({"exposure", "contrast", "zoom", "rotation", "gamma", "noise", "softness", "frame"}),
 }
 
 
