@@ -3,6 +3,7 @@ a fresh bucket per test, an isolated cache, and generated datasets."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -12,6 +13,19 @@ from pathlib import Path
 import pytest
 
 from xraylib import locals3, synthetic
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The suite runs in 2 xdist workers (pyproject's addopts): each gets its share of the cores, for
+    # torch here and for the commands the tests start, because two workers each spinning threads on
+    # every core spend half again the CPU time for little gain in wall time.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
