@@ -27,10 +27,10 @@ test: install
 
 # JupyterLab in headless Chromium: Debian's `chromium` package (apt-get install chromium), no browser download.
 test-browser: install
-	$(BIN)/python -m pytest -m browser
+	$(BIN)/python -m pytest -n 0 -m browser
 
 test-slow: install
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -n 0 -m slow
 
 # The suite with every runtime dependency at its floor in pyproject.toml (a fresh venv; downloads torch).
 test-floors:
