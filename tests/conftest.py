@@ -19,12 +19,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # The suite runs in 2 xdist workers (pyproject's addopts): each gets its share of the cores, for
     # torch here and for the commands the tests start, because two workers each spinning threads on
     # every core spend half again the CPU time for little gain in wall time.
+    # torch's own count, not os.cpu_count(): it follows the CPUs this process may use.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        os.environ["OMP_NUM_THREADS"] = str(threads)
         import torch
 
+        threads = max(1, torch.get_num_threads() // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
 
 
