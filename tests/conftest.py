@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,10 +17,10 @@ from xraylib import locals3, synthetic
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # The suite runs in 2 xdist workers (pyproject's addopts): each gets its share of the cores, for
-    # torch here and for the commands the tests start, because two workers each spinning threads on
-    # every core spend half again the CPU time for little gain in wall time.
-    # torch's own count, not os.cpu_count(): it follows the CPUs this process may use.
+    # The suite runs in 2 xdist workers (pyproject's addopts): each gets its share of torch's threads
+    # (which follow the CPUs the process may use, as os.cpu_count() does not), here and in the
+    # commands the tests start: two workers each spinning threads on every core spend half again the
+    # CPU time for little gain in wall time.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers:
         import torch
@@ -27,6 +28,19 @@ def pytest_configure(config: pytest.Config) -> None:
         threads = max(1, torch.get_num_threads() // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
+
+
+def run_side_by_side(*commands: tuple[list[str], dict[str, str] | None],
+                     timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Each (argv, env) of `commands` started at once, their results in order: commands that only
+    reach an error spend most of their time importing, which the cores share."""
+    running = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for argv, env in commands]
+    results = []
+    for process in running:
+        stdout, stderr = process.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return results
 
 
 @pytest.fixture(scope="session")

@@ -11,24 +11,13 @@ import sys
 
 import pytest
 
+from tests.conftest import run_side_by_side
 from xraylib import storage
 
 
 def xraylib(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "xraylib", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
-
-
-def xraylib_at_once(*commands: list[str]) -> list[subprocess.CompletedProcess]:
-    """Each of `commands` (the arguments of `xraylib`) run at the same time, their results in order:
-    one that only reaches an error spends most of its time importing, which the cores share."""
-    running = [subprocess.Popen([sys.executable, "-m", "xraylib", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for args in commands]
-    results = []
-    for args, process in zip(commands, running, strict=True):
-        stdout, stderr = process.communicate(timeout=300)
-        results.append(subprocess.CompletedProcess(args, process.returncode, stdout, stderr))
-    return results
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -111,7 +100,7 @@ def test_user_errors_print_one_line_and_exit_nonzero(bucket, tiny_dataset, tmp_p
          ["nowhere"]),
         (["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--epochs", "0"], ["epochs must be at least 1"]),
     ]
-    results = xraylib_at_once(*(args for args, _ in cases))
+    results = run_side_by_side(*(([sys.executable, "-m", "xraylib", *args], None) for args, _ in cases))
     for (_, fragments), result in zip(cases, results, strict=True):
         assert_one_line_error(result, *fragments)
     unwritable = results[0]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import scratch_dir
+from tests.conftest import run_side_by_side, scratch_dir
 from xraylib import config, locals3, storage
 from xraylib.errors import ConfigError, TrainingJobError
 from xraylib.sagemaker import job_hyperparameters, parse_hyperparameters
@@ -48,11 +48,6 @@ TINY_JOB = ["--epochs", "2", "--image-size", "32", "--batch-size", "16", "--weig
 def xraylib(*args: str, env: dict[str, str], timeout: int = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "xraylib", *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
-
-
-def finished(process: subprocess.Popen, timeout: int = 180) -> subprocess.CompletedProcess:
-    stdout, stderr = process.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -185,17 +180,16 @@ def test_no_role_no_region_or_no_sdk_is_one_clear_line(bucket, role, sdk_env, tm
     no_region.update(AWS_CONFIG_FILE=str(tmp_path / "none"))
     blocked = "import sys; sys.modules['sagemaker'] = None; from xraylib.cli import main; sys.exit(main(sys.argv[1:]))"
     # The three at once: each spends most of its time importing the SDK, which the cores share.
-    no_role, no_region_result, without_sdk = [
-        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command, env in (
-            ([sys.executable, "-m", "xraylib", *args], sdk_env),
-            ([sys.executable, "-m", "xraylib", *args, "--role", role], no_region),
-            ([sys.executable, "-c", blocked, *args, "--role", role], sdk_env))]
+    no_role, no_region_result, without_sdk = run_side_by_side(
+        ([sys.executable, "-m", "xraylib", *args], sdk_env),
+        ([sys.executable, "-m", "xraylib", *args, "--role", role], no_region),
+        ([sys.executable, "-c", blocked, *args, "--role", role], sdk_env), timeout=180)
     # No --role, and the caller (moto's STS: an IAM user) has no role behind it.
-    assert_one_line_error(finished(no_role), "no SageMaker execution role", "--role arn:aws:iam::")
+    assert_one_line_error(no_role, "no SageMaker execution role", "--role arn:aws:iam::")
     # No region anywhere in boto3's chain.
-    assert_one_line_error(finished(no_region_result), "no AWS region", "AWS_DEFAULT_REGION")
+    assert_one_line_error(no_region_result, "no AWS region", "AWS_DEFAULT_REGION")
     # Without the SDK (the `sagemaker` extra not installed), the command says how to install it.
-    assert_one_line_error(finished(without_sdk), "pip install 'xraylib[sagemaker]'")
+    assert_one_line_error(without_sdk, "pip install 'xraylib[sagemaker]'")
 
 
 def test_settings_a_job_cannot_run_with_are_refused_before_anything_is_uploaded(bucket, s3_client, tmp_path):
