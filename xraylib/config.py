@@ -83,6 +83,11 @@ CPU_EVAL_BATCH_PIXELS = 400_000
 # Test-time augmentation: (degrees, zoom, shift x, shift y) of each view whose probabilities are
 # averaged; the identity plus mild versions of what training augmentation does.
 TTA_VIEWS = ((0.0, 1.0, 0.0, 0.0), (0.0, 1.05, 0.0, 0.0), (0.0, 0.95, 0.0, 0.0), (5.0, 1.0, 0.0, 0.0), (-5.0, 1.0, 0.0, 0.0))
+# Test-time batch-norm adaptation (adaptation.py): images per batch while the statistics are
+# gathered (as many as training's batches, so each batch's variance is as noisy), and how many
+# images the training statistics count as when blended with a new cohort's.
+ADAPT_BATCH_SIZE = 32
+ADAPT_PRIOR_IMAGES = 32
 
 
 # Compute precisions: auto picks per device (model.autocast_dtype).

@@ -510,7 +510,8 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, *, log
                                           train_config=cfg.to_dict(),
                                           best_epoch=epoch, val_metrics=val["chosen"],
                                           **({"sizing": sizing.to_dict()} if sizing is not None else {}),
-                                          data_counts={"train": len(data.train), "val": len(data.val)})
+                                          data_counts={"train": len(data.train), "val": len(data.val),
+                                                       "train_positive": int(data.train.labels.sum())})
                 storage.write_bytes(model_loc, model_to_bytes(kept, metadata))
             save_checkpoint(epoch)
             if topology.is_main:
