@@ -37,7 +37,7 @@ import numpy as np
 from common import make_holdout_root, real_train_folder
 
 from xraylib import dataset, shifts
-from xraylib.adaptation import adapt_batchnorm, rebalancing_weights, training_positive_share
+from xraylib.adaptation import adapt_batchnorm, adapt_to_cohort
 from xraylib.config import THRESHOLD_POLICIES
 from xraylib.evaluate import choose_threshold, evaluate_loaded, predict_probabilities
 from xraylib.model import TrainedModel, inference_dtype, inference_network, load_model, resolve_device
@@ -162,22 +162,18 @@ def score_under_shifts(model: TrainedModel, network: Any, locations: list[str], 
     return out
 
 
-def score_adapted(model: TrainedModel, pixels: Any, variant: str, unadapted: np.ndarray) -> np.ndarray:
+def score_adapted(model: TrainedModel, pixels: Any, variant: str) -> np.ndarray:
     """P(pneumonia) for `pixels` after the model's batch norms are re-estimated on those same
-    pixels, as `variant` of `ADAPT_VARIANT_PREDICTIONS` says; `unadapted` are the model's
-    probabilities as trained, which 'rebalanced' weighs the images by."""
+    pixels, as `variant` of `ADAPT_VARIANT_PREDICTIONS` says ('rebalanced' and 'rebalanced-twice':
+    `adapt_to_cohort`, what `evaluate --adapt-batchnorm` runs, with one round or two)."""
     device = resolve_device("auto")
     amp = inference_dtype(model, device)
-    if variant == "rebalanced-twice":
-        unadapted = score_adapted(model, pixels, "rebalanced", unadapted)
-        variant = "rebalanced"
-    options: dict[str, Any] = {
-        "all": {},
-        "rebalanced": {"weights": rebalancing_weights(unadapted, training_positive_share(model.metadata))},
-        "shallow": {"only": ("bn1", "layer1")},
-    }[variant]
-    adapted = inference_network(adapt_batchnorm(model.network, pixels, mean=model.mean, std=model.std, device=device,
-                                                amp_dtype=amp, **options))
+    if variant.startswith("rebalanced"):
+        adapted, _ = adapt_to_cohort(model, pixels, device=device, amp_dtype=amp, rounds=2 if variant.endswith("twice") else 1)
+    else:
+        options = {"all": {}, "shallow": {"only": ("bn1", "layer1")}}[variant]
+        adapted = inference_network(adapt_batchnorm(model.network, pixels, mean=model.mean, std=model.std, device=device,
+                                                    amp_dtype=amp, **options))
     return predict_probabilities(adapted, pixels, mean=model.mean, std=model.std, device=device, amp_dtype=amp,
                                  temperature=model.temperature, bias=model.calibration_bias)
 
@@ -204,7 +200,7 @@ def report_adapted(name: str, model_dir: str, root: Path, variants: list[str]) -
         pixels = shifts.load_shifted(locations, shift, model.image_size, equalize_mode=model.equalize)
         scores["as trained"][shift] = as_trained(pixels)
         for variant in variants:
-            scores[variant][shift] = score_adapted(model, pixels, variant, scores["as trained"][shift])
+            scores[variant][shift] = score_adapted(model, pixels, variant)
         print(f"{shift}: {time.perf_counter() - started:.0f}s", flush=True)
     summaries = {k: shifts.shift_metrics(labels, v, model.threshold) for k, v in scores.items()}
     print(f"\n## {name}, batch norms adapted to each set: {model_dir} (threshold {model.threshold:.3f})")
@@ -220,7 +216,7 @@ def report_adapted(name: str, model_dir: str, root: Path, variants: list[str]) -
     half = np.sort(np.concatenate([normals, pneumonia]))
     clean = shifts.load_shifted([locations[i] for i in half], "clean", model.image_size, equalize_mode=model.equalize)
     subset = {"as trained": scores["as trained"]["clean"][half]}
-    subset.update({v: score_adapted(model, clean, v, subset["as trained"]) for v in variants})
+    subset.update({v: score_adapted(model, clean, v) for v in variants})
     mix = shifts.shift_metrics(labels[half], subset, model.threshold)["per_shift"]
     print(f"\n| clean subset at 50% pneumonia ({len(half)} images) | accuracy | sensitivity | specificity | ROC AUC |")
     print("|---|---|---|---|---|")

@@ -3,10 +3,12 @@ with are that cohort's, blended with training's, and nothing else changes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from xraylib import config, dataset
 from xraylib.adaptation import adapt_batchnorm
+from xraylib.errors import ModelFileError
 from xraylib.model import build_resnet50
 
 MEAN, STD = config.IMAGENET_MEAN, config.IMAGENET_STD
@@ -51,3 +53,25 @@ def test_the_training_statistics_count_as_prior_images_and_a_single_image_change
 
     one = adapt_batchnorm(network, pixels[:1], mean=MEAN, std=STD)
     assert torch.equal(one.bn1.running_mean, source)
+
+
+def test_rebalancing_gives_the_cohort_the_training_class_mix_and_leaves_a_cohort_that_has_it_alone():
+    import numpy as np
+
+    from xraylib.adaptation import rebalancing_weights
+
+    sure = np.array([1.0] * 30 + [0.0] * 70)  # a cohort with 30% positives, as the model judges it
+    w = rebalancing_weights(sure, 0.74)
+    assert w[:30].sum() / w.sum() == pytest.approx(0.74, abs=1e-4)
+    assert np.allclose(rebalancing_weights(np.array([1.0] * 74 + [0.0] * 26), 0.74), 1.0, atol=1e-4)
+
+
+def test_the_training_class_mix_comes_from_the_model_file_or_its_validation_and_otherwise_a_clear_error():
+    from xraylib.adaptation import training_positive_share
+
+    assert training_positive_share({"data_counts": {"train": 200, "val": 30, "train_positive": 150}}) == 0.75
+    older = {"data_counts": {"train": 200, "val": 30},
+             "val_metrics": {"confusion_matrix": {"labels": ["NORMAL", "PNEUMONIA"], "matrix": [[6, 2], [1, 21]]}}}
+    assert training_positive_share(older) == pytest.approx(22 / 30)
+    with pytest.raises(ModelFileError, match=r"class mix is unknown.*train it again"):
+        training_positive_share({"data_counts": {"train": 200}})

@@ -360,3 +360,61 @@ def test_grad_cam_heat_falls_on_the_blob_that_carries_the_class(blob_model):
     assert np.all(in_tile[found] >= 0.5), in_tile[found]
     assert np.all(in_blob[found] >= 2 * np.stack(blobs)[0].mean()), in_blob[found]
     assert heat.shape == (24, 2 * TILE, 2 * TILE) and heat.min() >= 0 and np.allclose(heat.max(axis=(1, 2))[found], 1)
+
+
+def _blob_cohort(positives: int, negatives: int, change, seed: int = 5) -> dataset.LoadedImages:
+    """Blob tiles (as the blob model trained on) after `change`, in memory, positives first."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    tiles = [change(blob_tile(rng, i < positives)[0]) for i in range(positives + negatives)]
+    labels = [1] * positives + [0] * negatives
+    records = tuple(dataset.ImageRecord(storage.ObjectInfo(f"/cohort/{i}.png", f"{['NORMAL', 'PNEUMONIA'][y]}/{i}.png", 1, "-"),
+                                        y, f"patient{i}") for i, y in enumerate(labels))
+    return dataset.LoadedImages(torch.from_numpy(np.stack(tiles)), torch.tensor(labels), records, ("NORMAL", "PNEUMONIA"))
+
+
+def test_adapted_to_a_cohort_of_lower_contrast_the_model_ranks_and_calls_it_again(blob_model, tmp_path):
+    from xraylib.evaluate import write_evaluation
+
+    faded = _blob_cohort(60, 60, lambda a: (a * 0.5 + 64).astype(np.uint8))
+    plain = evaluate_loaded(blob_model, faded, device="cpu")
+    adapted = evaluate_loaded(blob_model, faded, device="cpu", adapt_batchnorm=True)
+    assert plain.metrics["roc_auc"] < 0.9 and adapted.metrics["roc_auc"] > 0.98
+    assert adapted.metrics["accuracy"] > plain.metrics["accuracy"] + 0.15
+    assert plain.metrics["batchnorm_adaptation"] is None
+    record = adapted.metrics["batchnorm_adaptation"]
+    assert record["images"] == 120 and record["rounds"] == config.ADAPT_ROUNDS
+    assert record["training_positive_share"] == 0.5  # the blob model trained on as many of each
+    # The model is not changed by it: scored plainly again, the same probabilities.
+    assert np.array_equal(evaluate_loaded(blob_model, faded, device="cpu").probabilities, plain.probabilities)
+    write_evaluation(adapted, str(tmp_path))
+    assert strict_json((tmp_path / "metrics.json").read_text())["batchnorm_adaptation"] == record
+    assert "batch norms adapted to these 120 images" in (tmp_path / "model_card.md").read_text()
+
+
+@pytest.mark.parametrize("positives,negatives", [(60, 60), (20, 100)])
+def test_adapting_to_an_unchanged_cohort_with_fewer_positives_than_training_keeps_its_calls(blob_model, positives,
+                                                                                            negatives):
+    """The statistics carry the class mix; rebalanced to training's, a cohort of the training's
+    kind but with a sixth positives is called as well as it was without adapting."""
+    clean = _blob_cohort(positives, negatives, lambda a: a)
+    plain = evaluate_loaded(blob_model, clean, device="cpu").metrics
+    adapted = evaluate_loaded(blob_model, clean, device="cpu", adapt_batchnorm=True).metrics
+    assert adapted["specificity"] >= plain["specificity"] - 0.05
+    assert adapted["sensitivity"] >= plain["sensitivity"] - 0.05
+
+
+def test_evaluate_cli_adapts_when_asked_and_says_so(blob_model, tmp_path, capsys):
+    from xraylib.synthetic import encode
+
+    for i, y in enumerate([1] * 10 + [0] * 10):
+        folder = tmp_path / "faded" / ["NORMAL", "PNEUMONIA"][y]
+        folder.mkdir(parents=True, exist_ok=True)
+        tile = blob_tile(np.random.default_rng(i), bool(y))[0]
+        (folder / f"{i}.png").write_bytes(encode((tile * 0.5 + 64).astype(np.uint8), fmt="PNG"))
+    save_model(str(tmp_path / "model.pt"), blob_model.network, blob_model.metadata)
+    assert cli.main(["evaluate", "--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "faded"),
+                     "--out", str(tmp_path / "out"), "--device", "cpu", "--adapt-batchnorm"]) == 0
+    assert "batch norms adapted to the 20 images (2 rounds, rebalanced to the training's 50% positives" in capsys.readouterr().out
+    assert strict_json((tmp_path / "out" / "metrics.json").read_text())["batchnorm_adaptation"]["images"] == 20

@@ -169,6 +169,7 @@ xraylib run test -p model s3://BUCKET/runs/resnet50 -p data s3://BUCKET/chest_xr
 data = "chest_xray"  # the dataset root holding test/, or a folder of class folders
 out = "runs/resnet50/evaluation"  # where metrics.json, predictions.csv, the pictures and model_card.md go
 tta = False  # True averages over slightly rotated and zoomed views: 5x the compute
+adapt_batchnorm = False  # True adapts the batch norms to these images first (a new scanner or site; README)
 compare_with = None  # a second model (file or training `out`) to compare with on the same images; None: the model itself
 new_images = []  # an image, a folder or s3:// prefix of images, or a list of those; [] for none
 
@@ -201,7 +202,8 @@ from xraylib.predict import predict_images"""),
     ("code", """trained = load_model(model)
 table = label_table(labels, image_column=image_column, label_column=label_column, positive=positive,
                     patient_column=patient_column, split_column=split_column)
-evaluation = evaluate_model(trained, data, out, tta=tta, progress=True, labels=table)"""),
+evaluation = evaluate_model(trained, data, out, tta=tta, adapt_batchnorm=adapt_batchnorm, progress=True,
+                            labels=table)"""),
     ("code", """display(class_counts_table({"test": evaluation}))"""),
     ("markdown", """## Metrics
 
@@ -231,7 +233,8 @@ the diagonal, a probability of 0.8 is right 80% of the time."""),
 `compare_with`'s model against this one on the same images: each metric's difference with a 95%
 interval from the same patient resamples for both (`xraylib compare` on the command line). Without
 `compare_with`, the model is compared with itself, and every difference is 0."""),
-    ("code", """comparison = compare_evaluations(evaluation, evaluate_model(compare_with, data) if compare_with else evaluation)
+    ("code", """other = evaluate_model(compare_with, data, tta=tta, adapt_batchnorm=adapt_batchnorm, labels=table) if compare_with else None
+comparison = compare_evaluations(evaluation, other or evaluation)
 display(comparison_table(comparison))"""),
     ("markdown", "## The most confidently wrong images"),
     ("code", "display(plots.confident_mistakes_figure(evaluation))"),

@@ -58,7 +58,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     table = label_table(args.labels, **{name: getattr(args, name) for name in config.LABEL_OPTIONS[1:]})
     evaluation = evaluate_model(args.model, args.data, args.out, skip_bad=args.skip_bad, device=args.device,
-                                precision=args.precision, tta=args.tta, progress=sys.stderr.isatty(), labels=table)
+                                precision=args.precision, tta=args.tta, adapt_batchnorm=args.adapt_batchnorm,
+                                progress=sys.stderr.isatty(), labels=table)
     m = evaluation.metrics
     print(f"{m['n_images']} images: accuracy {m['accuracy']:.4f}, sensitivity {m['sensitivity']:.4f}, "
           f"specificity {m['specificity']:.4f}, ROC AUC {m['roc_auc']:.4f}, PR AUC {m['pr_auc']:.4f} "
@@ -196,6 +197,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where metrics.json, the pictures and predictions.csv go")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--tta", action="store_true", help="average over slightly rotated and zoomed views (5x slower)")
+    p.add_argument("--adapt-batchnorm", action="store_true",
+                   help="adapt the batch norms' statistics to the images evaluated, without their labels, before scoring "
+                        "them (a new scanner or site); each probability then depends on the images scored with it")
     p.add_argument("--skip-bad", action="store_true", help="skip (and report) images that cannot be decoded")
     p.add_argument("--precision", choices=config.PRECISIONS, default="auto",
                    help=SCORING_PRECISION_HELP)

@@ -278,14 +278,23 @@ def trust_metrics(labels: Sequence[int], probabilities: Sequence[float], thresho
 
 
 def evaluate_loaded(
-    model: TrainedModel, data: dataset.LoadedImages, *, device: str = "auto", precision: str = "auto", tta: bool = False
+    model: TrainedModel, data: dataset.LoadedImages, *, device: str = "auto", precision: str = "auto", tta: bool = False,
+    adapt_batchnorm: bool = False,
 ) -> Evaluation:
     """Score decoded images with `model` in `precision` (see `model.inference_dtype`) and compute
     the metrics at the model's threshold, with `trust_metrics`; they record the precision computed
-    in (`compute_precision`) and the validation's."""
+    in (`compute_precision`) and the validation's. With `adapt_batchnorm`, the network's batch
+    norms are first adapted to these images (`adaptation.adapt_to_cohort`), which metrics.json's
+    `batchnorm_adaptation` records."""
     torch_device = resolve_device(device)
-    network = inference_network(model.network.to(torch_device))
     amp_dtype = inference_dtype(model, torch_device, precision)
+    adaptation = None
+    if adapt_batchnorm:
+        from xraylib.adaptation import adapt_to_cohort
+
+        network, adaptation = adapt_to_cohort(model, data.pixels, device=torch_device, amp_dtype=amp_dtype)
+    else:
+        network = inference_network(model.network.to(torch_device))
     probs = predict_probabilities(network, data.pixels, mean=model.mean, std=model.std, device=torch_device,
                                   amp_dtype=amp_dtype, tta=tta, temperature=model.temperature,
                                   bias=model.calibration_bias)
@@ -299,6 +308,7 @@ def evaluate_loaded(
     if model.validation_precision is not None:  # model files from before it was recorded say nothing
         metrics["validation_precision"] = model.validation_precision
     metrics["tta_views"] = len(config.TTA_VIEWS) if tta else 1
+    metrics["batchnorm_adaptation"] = adaptation.to_dict() if adaptation is not None else None
     metrics["class_names"] = list(data.class_names)
     metrics["skipped_images"] = len(data.skipped)
     if model.location is not None:
@@ -346,6 +356,7 @@ def evaluate_model(
     device: str = "auto",
     precision: str = "auto",
     tta: bool = False,
+    adapt_batchnorm: bool = False,
     progress: bool = False,
     labels: str | LabelTable | None = None,
     log: Callable[[str], None] = print,
@@ -355,7 +366,9 @@ def evaluate_model(
     `labels` labels (a location, read with its layout's columns, or a `LabelTable`; with a split column,
     its test rows); write the results to `out` if given. With
     `tta`, each probability is the mean over the views in `config.TTA_VIEWS` (5x the compute);
-    the threshold stays the one chosen at training. `precision` 'auto' scores in the precision
+    the threshold stays the one chosen at training. With `adapt_batchnorm`, the batch norms are
+    first adapted to the images evaluated (`adaptation.adapt_to_cohort`): each probability then
+    depends on the cohort it was scored with. `precision` 'auto' scores in the precision
     training validated in (`model.inference_dtype`). Ends with one line to `log`: how many
     images, how long, and which files went where."""
     started = time.perf_counter()
@@ -365,10 +378,16 @@ def evaluate_model(
         log(f"found {index.describe()}")
     loaded = dataset.load_images(index, trained.image_size, equalize_mode=trained.equalize, skip_bad=skip_bad,
                                  progress=progress)
-    evaluation = evaluate_loaded(trained, loaded, device=device, precision=precision, tta=tta)
+    evaluation = evaluate_loaded(trained, loaded, device=device, precision=precision, tta=tta,
+                                 adapt_batchnorm=adapt_batchnorm)
     evaluation.metrics["data"] = index.root
     written = write_evaluation(evaluation, out) if out is not None else {}
     names = [location.rsplit("/", 1)[-1] for location in written.values()]
+    adapted = evaluation.metrics["batchnorm_adaptation"]
+    if adapted is not None:
+        log(f"batch norms adapted to the {adapted['images']} images ({adapted['rounds']} rounds, rebalanced to the "
+            f"training's {adapted['training_positive_share']:.0%} positives; the images' estimated share "
+            f"{adapted['estimated_positive_share']:.0%})")
     log(f"evaluated {len(evaluation.labels)} images{f' ({len(config.TTA_VIEWS)} views each)' if tta else ''} in "
         f"{time.perf_counter() - started:.1f} s" + (f"; wrote {', '.join(names[:-1])} and {names[-1]} to {out}" if names else ""))
     return evaluation

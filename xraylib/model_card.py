@@ -91,6 +91,12 @@ def model_card_markdown(metrics: Mapping[str, Any], metadata: Mapping[str, Any] 
     lines += ["## Metrics on the evaluation images", "",
               f"At the model's threshold {number(metrics.get('threshold'))} (computed in "
               f"{metrics.get('compute_precision', '?')}). 95% intervals: {metrics.get('ci_method', 'not computed')}.", ""]
+    adapted = metrics.get("batchnorm_adaptation")
+    if adapted:
+        lines += [f"Scored with the batch norms adapted to these {adapted['images']} images, without their labels "
+                  f"(`--adapt-batchnorm`, {adapted['rounds']} rounds, rebalanced to the training's "
+                  f"{float(adapted['training_positive_share']):.0%} {positive}): each probability depends on the images "
+                  "scored with it, so a single film scored alone gets another one.", ""]
     rows = [(name, number(metrics.get(name)), interval(ci.get(name)), undefined.get(name, ""))
             for name in HEADLINE if name in metrics]
     lines += _table(("metric", "value", "95% interval", "note"), rows)
@@ -135,7 +141,8 @@ def model_card_markdown(metrics: Mapping[str, Any], metadata: Mapping[str, Any] 
               "folder carved from `train/`, holds other children of the same hospital, scanner and period; on the "
               "dataset's official test split (a later cohort) the same cpu-preset recipe fell from 0.971 accuracy and "
               "0.970 specificity on held-out patients to 0.803 and 0.483 (README, *Results on real chest X-rays* and "
-              "its shift benchmark). Measure on images of the site it is meant for before trusting these numbers there.",
+              "its shift benchmark). Measure on images of the site it is meant for before trusting these numbers there; "
+              "`xraylib evaluate --adapt-batchnorm` scores such a cohort with the network's statistics adapted to it.",
               "- The intervals count the luck of which patients were drawn, not a change of scanner, protocol or "
               "population, nor the choices made on this same data. Where no error of a kind was seen (a specificity "
               "of 1.0), the interval shrinks to a point: no such error among these patients, not none possible "
