@@ -44,7 +44,7 @@ from xraylib.predict import Prediction
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PARAMETERS = {f.name for f in dataclasses.fields(config.TrainConfig)}  # every knob, as in the CLI
-TEST_PARAMETERS = {"model", "data", "out", "tta", "compare_with", "new_images", *config.LABEL_OPTIONS}
+TEST_PARAMETERS = {"model", "data", "out", "tta", "adapt_batchnorm", "compare_with", "new_images", *config.LABEL_OPTIONS}
 # The SageMaker notebook: every training knob, and the job's (as `xraylib sagemaker train` takes them).
 JOB_PARAMETERS = {"instance_type", "instance_count", "spot", "max_run", "max_wait", "role", "image_uri"}
 METRIC_KEYS = {"accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc", "threshold", "n_images",
@@ -473,14 +473,16 @@ def test_plain_papermill_runs_the_notebooks(trained, tmp_path):
     out = tmp_path / "evaluation"
     result = subprocess.run(
         [str(papermill), str(ROOT / "notebooks" / "test_classifier.ipynb"), str(tmp_path / "executed.ipynb"),
-         "-p", "model", trained["run"], "-p", "data", trained["data"], "-p", "out", str(out)],
+         "-p", "model", trained["run"], "-p", "data", trained["data"], "-p", "out", str(out), "-p", "adapt_batchnorm", "True"],
         capture_output=True, text=True, timeout=240, env=trained["env"], cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     executed = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
     assert_executed_cleanly(executed)
     assert "<caption>0 image(s)</caption>" in "".join(outputs_of(executed)[-1]["data"]["text/html"])  # new_images: []
-    assert set(json.loads((out / "metrics.json").read_text())) >= METRIC_KEYS
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= METRIC_KEYS
+    assert metrics["batchnorm_adaptation"]["images"] == metrics["n_images"]  # the parameter reached evaluate
 
 
 @pytest.mark.timeout(300)
