@@ -73,5 +73,5 @@ def test_the_training_class_mix_comes_from_the_model_file_or_its_validation_and_
     older = {"data_counts": {"train": 200, "val": 30},
              "val_metrics": {"confusion_matrix": {"labels": ["NORMAL", "PNEUMONIA"], "matrix": [[6, 2], [1, 21]]}}}
     assert training_positive_share(older) == pytest.approx(22 / 30)
-    with pytest.raises(ModelFileError, match=r"class mix is unknown.*train it again"):
+    with pytest.raises(ModelFileError, match=r"class mix to adapt to is unknown.*without --adapt-batchnorm"):
         training_positive_share({"data_counts": {"train": 200}})

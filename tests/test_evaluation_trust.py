@@ -382,7 +382,8 @@ def test_adapted_to_a_cohort_of_lower_contrast_the_model_ranks_and_calls_it_agai
     adapted = evaluate_loaded(blob_model, faded, device="cpu", adapt_batchnorm=True)
     assert plain.metrics["roc_auc"] < 0.9 and adapted.metrics["roc_auc"] > 0.98
     assert adapted.metrics["accuracy"] > plain.metrics["accuracy"] + 0.15
-    assert plain.metrics["batchnorm_adaptation"] is None
+    assert plain.metrics["batchnorm_adapted"] is False and "batchnorm_adaptation" not in plain.metrics
+    assert adapted.metrics["batchnorm_adapted"] is True
     record = adapted.metrics["batchnorm_adaptation"]
     assert record["images"] == 120 and record["rounds"] == config.ADAPT_ROUNDS
     assert record["training_positive_share"] == 0.5  # the blob model trained on as many of each

@@ -58,7 +58,8 @@ def training_positive_share(metadata: dict[str, Any]) -> float:
         (tn, fp), (fn, tp) = matrix
         return (fn + tp) / (tn + fp + fn + tp)
     raise ModelFileError("the model file records neither its training class counts nor a validation confusion matrix, "
-                         "so its class mix is unknown: adapt without rebalancing, or train it again with this version")
+                         "so the class mix to adapt to is unknown: evaluate without --adapt-batchnorm, or train it again "
+                         "with this version, which records the counts")
 
 
 def adapt_batchnorm(network: Any, pixels: Any, *, mean: Sequence[float], std: Sequence[float], device: Any = None,
@@ -69,9 +70,9 @@ def adapt_batchnorm(network: Any, pixels: Any, *, mean: Sequence[float], std: Se
     hold the statistics of `pixels` (uint8 [N, H, W], preprocessed as the model's evaluation does),
     blended with the training statistics weighted as `prior_images` images. With `weights` (one per
     image, `rebalancing_weights`), the images are drawn in those proportions (with replacement)
-    before the statistics are gathered; either way, in an order drawn from `seed`. With `only`, just the batch norms whose names
-    start with one of those prefixes ('bn1', 'layer1') are adapted. The weights are unchanged, and
-    `network` itself is not touched."""
+    before the statistics are gathered; either way, in an order drawn from `seed`. With `only`,
+    just the batch norms whose names start with one of those prefixes ('bn1', 'layer1') are
+    adapted. The weights are unchanged, and `network` itself is not touched."""
     import copy
 
     import torch

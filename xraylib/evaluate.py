@@ -284,8 +284,8 @@ def evaluate_loaded(
     """Score decoded images with `model` in `precision` (see `model.inference_dtype`) and compute
     the metrics at the model's threshold, with `trust_metrics`; they record the precision computed
     in (`compute_precision`) and the validation's. With `adapt_batchnorm`, the network's batch
-    norms are first adapted to these images (`adaptation.adapt_to_cohort`), which metrics.json's
-    `batchnorm_adaptation` records."""
+    norms are first adapted to these images (`adaptation.adapt_to_cohort`): metrics.json's
+    `batchnorm_adapted` says whether, and `batchnorm_adaptation` how."""
     torch_device = resolve_device(device)
     amp_dtype = inference_dtype(model, torch_device, precision)
     adaptation = None
@@ -308,7 +308,9 @@ def evaluate_loaded(
     if model.validation_precision is not None:  # model files from before it was recorded say nothing
         metrics["validation_precision"] = model.validation_precision
     metrics["tta_views"] = len(config.TTA_VIEWS) if tta else 1
-    metrics["batchnorm_adaptation"] = adaptation.to_dict() if adaptation is not None else None
+    metrics["batchnorm_adapted"] = adaptation is not None
+    if adaptation is not None:
+        metrics["batchnorm_adaptation"] = adaptation.to_dict()
     metrics["class_names"] = list(data.class_names)
     metrics["skipped_images"] = len(data.skipped)
     if model.location is not None:
@@ -383,7 +385,7 @@ def evaluate_model(
     evaluation.metrics["data"] = index.root
     written = write_evaluation(evaluation, out) if out is not None else {}
     names = [location.rsplit("/", 1)[-1] for location in written.values()]
-    adapted = evaluation.metrics["batchnorm_adaptation"]
+    adapted = evaluation.metrics.get("batchnorm_adaptation")
     if adapted is not None:
         log(f"batch norms adapted to the {adapted['images']} images ({adapted['rounds']} rounds, rebalanced to the "
             f"training's {adapted['training_positive_share']:.0%} positives; the images' estimated share "
