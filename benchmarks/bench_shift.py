@@ -142,6 +142,12 @@ ADAPT_VARIANT_PREDICTIONS = {
                "the rest as trained: the 50% subset within 0.02 of the unadapted model; crop-top specificity between "
                "0.80 and 0.90 (part of the gain, since a cropped top also changes what the deep layers see)",
 }
+# Written after rebalanced-twice held on cpu-preset@112x6, before it ran on the second model the
+# project keeps (cpu-preset+aspect@a64274a: crop-top specificity 0.76, zoom-in 0.90 as trained).
+ADAPT_SECOND_MODEL_PREDICTION = ("rebalanced-twice on cpu-preset+aspect@a64274a: crop-top specificity at least 0.88 and "
+                                 "the worst shift's specificity at least 0.88; mean accuracy under shift at least the "
+                                 "model's as trained; clean accuracy within 0.01; the 50% subset's specificity and "
+                                 "sensitivity each within 0.03 of the unadapted model's")
 # Written when "balanced" named the point where sensitivity equals specificity (now "equal-error") and
 # "half" the fixed 0.5 (now "balanced").
 POLICY_PREDICTION = ("balanced: mean shifted specificity at least 0.05 above youden's at a cost of at most 0.02 mean "
@@ -312,6 +318,7 @@ def main() -> None:
         print(f"--adapt (batch norms re-estimated on each set), first run:\n  predicted: {ADAPT_PREDICTION}")
         for variant, prediction in ADAPT_VARIANT_PREDICTIONS.items():
             print(f"--adapt {variant}:\n  predicted: {prediction}")
+        print(f"--adapt rebalanced-twice, a second model:\n  predicted: {ADAPT_SECOND_MODEL_PREDICTION}")
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = (args.layout or Path(tmp)) / "chest_xray"
