@@ -118,7 +118,7 @@ ADAPT_PREDICTION = ("under the cropped top the network still ranks the films (RO
 # Written after the first --adapt run (crop-top specificity 0.74 -> 0.95, mean specificity 0.947 ->
 # 0.968, but on the clean subset at 50% pneumonia specificity 0.970 -> 0.915: the statistics carry the
 # class mix, and a cohort with fewer pneumonia films than training's moves its scores towards
-# pneumonia), before the two variants below ran.
+# pneumonia), before the variants below ran; "rebalanced-twice" was added later, as its comment says.
 ADAPT_VARIANT_PREDICTIONS = {
     # Found before the second run: the first gathered its statistics in the index's order, NORMAL
     # files first, so nearly every batch was of one class; training's batches were shuffled.
