@@ -233,7 +233,8 @@ the diagonal, a probability of 0.8 is right 80% of the time."""),
 `compare_with`'s model against this one on the same images: each metric's difference with a 95%
 interval from the same patient resamples for both (`xraylib compare` on the command line). Without
 `compare_with`, the model is compared with itself, and every difference is 0."""),
-    ("code", """other = evaluate_model(compare_with, data, tta=tta, adapt_batchnorm=adapt_batchnorm, labels=table) if compare_with else None
+    ("code", """other = (evaluate_model(compare_with, data, tta=tta, adapt_batchnorm=adapt_batchnorm, labels=table)
+         if compare_with else None)
 comparison = compare_evaluations(evaluation, other or evaluation)
 display(comparison_table(comparison))"""),
     ("markdown", "## The most confidently wrong images"),
