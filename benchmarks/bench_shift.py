@@ -175,11 +175,11 @@ def score_adapted(model: TrainedModel, pixels: Any, variant: str) -> np.ndarray:
     device = resolve_device("auto")
     amp = inference_dtype(model, device)
     if variant.startswith("rebalanced"):
-        adapted, _ = adapt_to_cohort(model, pixels, device=device, amp_dtype=amp, rounds=2 if variant.endswith("twice") else 1)
-    else:
-        options = {"all": {}, "shallow": {"only": ("bn1", "layer1")}}[variant]
-        adapted = inference_network(adapt_batchnorm(model.network, pixels, mean=model.mean, std=model.std, device=device,
-                                                    amp_dtype=amp, **options))
+        rounds = 2 if variant.endswith("twice") else 1
+        return adapt_to_cohort(model, pixels, device=device, amp_dtype=amp, rounds=rounds)[1]
+    options = {"all": {}, "shallow": {"only": ("bn1", "layer1")}}[variant]
+    adapted = inference_network(adapt_batchnorm(model.network, pixels, mean=model.mean, std=model.std, device=device,
+                                                amp_dtype=amp, **options))
     return predict_probabilities(adapted, pixels, mean=model.mean, std=model.std, device=device, amp_dtype=amp,
                                  temperature=model.temperature, bias=model.calibration_bias)
 

@@ -23,9 +23,8 @@ use it to score a cohort (a test split, a new site's batch), not one film at a t
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -96,7 +95,7 @@ def adapt_batchnorm(network: Any, pixels: Any, *, mean: Sequence[float], std: Se
     else:
         w = np.asarray(weights, dtype=np.float64)
         order = rng.choice(n, size=n, p=w / w.sum())
-    source = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    source = [(m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a plain average over the batches, not a moving one
@@ -109,10 +108,10 @@ def adapt_batchnorm(network: Any, pixels: Any, *, mean: Sequence[float], std: Se
         for chunk in chunks:
             adapted(dataset.to_model_input(pixels[torch.from_numpy(chunk)].to(device), mean, std))
     share = n / (n + prior_images)
-    for m, (old_mean, old_var) in zip(norms, source, strict=True):
+    for m, (old_mean, old_var, momentum) in zip(norms, source, strict=True):
         m.running_mean.mul_(share).add_(old_mean, alpha=1 - share)
         m.running_var.mul_(share).add_(old_var, alpha=1 - share)
-        m.momentum = 0.1
+        m.momentum = momentum
     return adapted.eval()
 
 
@@ -126,14 +125,15 @@ class Adaptation:
     estimated_positive_share: float  # the cohort's, by the adapted model's mean probability
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return asdict(self)
 
 
 def adapt_to_cohort(model: TrainedModel, pixels: Any, *, device: Any, amp_dtype: Any,
-                    rounds: int = config.ADAPT_ROUNDS) -> tuple[Any, Adaptation]:
+                    rounds: int = config.ADAPT_ROUNDS) -> tuple[Any, np.ndarray, Adaptation]:
     """`model.network` with its batch norms adapted to the cohort `pixels` (decoded and
-    preprocessed as `evaluate` does), rebalanced to the training's class mix, and what was done.
-    The network is on `device`, fused for inference."""
+    preprocessed as `evaluate` does), rebalanced to the training's class mix; its calibrated
+    probabilities for `pixels`, which the last round computed; and what was done. The network is
+    on `device`, fused for inference."""
     from xraylib.evaluate import predict_probabilities
     from xraylib.model import inference_network
 
@@ -150,4 +150,4 @@ def adapt_to_cohort(model: TrainedModel, pixels: Any, *, device: Any, amp_dtype:
                                                     device=device, amp_dtype=amp_dtype,
                                                     weights=rebalancing_weights(probabilities, share)))
         probabilities = score(network)
-    return network, Adaptation(len(pixels), rounds, round(share, 4), round(float(np.mean(probabilities)), 4))
+    return network, probabilities, Adaptation(len(pixels), rounds, round(share, 4), round(float(np.mean(probabilities)), 4))

@@ -288,16 +288,17 @@ def evaluate_loaded(
     `batchnorm_adapted` says whether, and `batchnorm_adaptation` how."""
     torch_device = resolve_device(device)
     amp_dtype = inference_dtype(model, torch_device, precision)
-    adaptation = None
+    adaptation = probs = None
     if adapt_batchnorm:
         from xraylib.adaptation import adapt_to_cohort
 
-        network, adaptation = adapt_to_cohort(model, data.pixels, device=torch_device, amp_dtype=amp_dtype)
+        network, probs, adaptation = adapt_to_cohort(model, data.pixels, device=torch_device, amp_dtype=amp_dtype)
     else:
         network = inference_network(model.network.to(torch_device))
-    probs = predict_probabilities(network, data.pixels, mean=model.mean, std=model.std, device=torch_device,
-                                  amp_dtype=amp_dtype, tta=tta, temperature=model.temperature,
-                                  bias=model.calibration_bias)
+    if probs is None or tta:  # adapting scored the single view already
+        probs = predict_probabilities(network, data.pixels, mean=model.mean, std=model.std, device=torch_device,
+                                      amp_dtype=amp_dtype, tta=tta, temperature=model.temperature,
+                                      bias=model.calibration_bias)
     labels = data.labels.numpy()
     names = [r.obj.location for r in data.records]
     patients = [r.patient for r in data.records]
