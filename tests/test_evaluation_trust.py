@@ -419,3 +419,77 @@ def test_evaluate_cli_adapts_when_asked_and_says_so(blob_model, tmp_path, capsys
                      "--out", str(tmp_path / "out"), "--device", "cpu", "--adapt-batchnorm"]) == 0
     assert "batch norms adapted to the 20 images (2 rounds, rebalanced to the training's 50% positives" in capsys.readouterr().out
     assert strict_json((tmp_path / "out" / "metrics.json").read_text())["batchnorm_adaptation"]["images"] == 20
+
+
+def _write_blob_images(folder: Path, labels: list[int], change, *, seed: int, class_folders: bool) -> list[Path]:
+    from xraylib.synthetic import encode
+
+    rng = np.random.default_rng(seed)
+    written = []
+    for i, y in enumerate(labels):
+        where = folder / ["NORMAL", "PNEUMONIA"][y] if class_folders else folder
+        where.mkdir(parents=True, exist_ok=True)
+        written.append(where / f"film{i}.png")
+        written[-1].write_bytes(encode(change(blob_tile(rng, bool(y))[0]), fmt="PNG"))
+    return written
+
+
+def test_a_model_adapted_to_a_sites_unlabelled_films_scores_that_sites_other_films_one_at_a_time(blob_model, tmp_path,
+                                                                                                 capsys):
+    """`xraylib adapt` on a flat folder of one site's films (no labels), then the adapted model file
+    evaluates other films of that site: the plain model calls nearly all of them one class, the
+    adapted one calls them right; each film's probability is the same scored alone (`predict`) as
+    in the evaluation, and the model it came from is unchanged."""
+    import hashlib
+
+    from xraylib.predict import predict_images
+
+    def faded(tile: np.ndarray) -> np.ndarray:  # milder than the cohort above: still ranked, no longer called
+        return (tile * 0.7 + 38).astype(np.uint8)
+
+    _write_blob_images(tmp_path / "site", [i % 2 for i in range(120)], faded, seed=11, class_folders=False)
+    test_films = _write_blob_images(tmp_path / "site_test", [1] * 30 + [0] * 30, faded, seed=12, class_folders=True)
+    original = tmp_path / "model.pt"
+    save_model(str(original), blob_model.network, blob_model.metadata)
+    before = hashlib.sha256(original.read_bytes()).hexdigest()
+
+    assert cli.main(["adapt", "--model", str(original), str(tmp_path / "site"), "--out", str(tmp_path / "adapted"),
+                     "--device", "cpu"]) == 0
+    said = capsys.readouterr().out
+    assert f"batch norms adapted to 120 images of {tmp_path / 'site'}: 2 rounds" in said and "model.pt" in said
+    assert hashlib.sha256(original.read_bytes()).hexdigest() == before
+
+    for model, out in ((original, "plain"), (tmp_path / "adapted", "adapted")):
+        assert cli.main(["evaluate", "--model", str(model), "--data", str(tmp_path / "site_test"),
+                         "--out", str(tmp_path / out), "--device", "cpu"]) == 0
+    plain, adapted = (strict_json((tmp_path / out / "metrics.json").read_text()) for out in ("plain", "adapted"))
+    assert plain["accuracy"] < 0.65 and adapted["accuracy"] > 0.9 and adapted["roc_auc"] > 0.98
+    assert plain["batchnorm_adapted"] is False and adapted["batchnorm_adapted"] is True
+    record = adapted["batchnorm_adaptation"]
+    assert record["images"] == 120 and record["images_location"] == [str(tmp_path / "site")]
+    assert record["training_positive_share"] == 0.5 and 0.35 < record["estimated_positive_share"] < 0.65
+    assert f"adapted to 120 images of `{tmp_path / 'site'}`" in (tmp_path / "adapted" / "model_card.md").read_text()
+    assert "adapted before, to 120 images" in capsys.readouterr().out
+
+    # One film at a time, as predict scores it: the probability the evaluation gave it.
+    by_name = {}
+    for line in (tmp_path / "adapted" / "predictions.csv").read_text().splitlines()[1:]:
+        by_name[line.split(",")[0]] = float(line.split(",")[3])
+    for film in test_films[:3] + test_films[-3:]:
+        alone = predict_images(str(tmp_path / "adapted"), str(film))[0].probability
+        assert alone == pytest.approx(by_name[str(film)], abs=2e-3)
+
+
+def test_adapt_will_not_overwrite_the_model_it_adapts_nor_run_without_images(blob_model, tmp_path, capsys):
+    original = tmp_path / "run" / "model.pt"
+    save_model(str(original), blob_model.network, blob_model.metadata)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no films here")
+    before = original.read_bytes()
+    assert cli.main(["adapt", "--model", str(tmp_path / "run"), str(tmp_path / "empty"), "--out", str(tmp_path / "run"),
+                     "--device", "cpu"]) == 2
+    assert "is the model being adapted: write the adapted model to another location" in capsys.readouterr().err
+    assert cli.main(["adapt", "--model", str(tmp_path / "run"), str(tmp_path / "empty"), "--out", str(tmp_path / "new"),
+                     "--device", "cpu"]) == 2
+    assert f"no images (.jpeg, .jpg, .png, .dcm) in {tmp_path / 'empty'}" in capsys.readouterr().err
+    assert original.read_bytes() == before and not (tmp_path / "new").exists()

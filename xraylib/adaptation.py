@@ -18,19 +18,24 @@ training's class mix, as the model's own probabilities judge it (no labels), and
 `config.ADAPT_ROUNDS` times, each time judging with the network adapted the round before.
 
 The statistics depend on the set of images scored together, so a film's probability does too:
-use it to score a cohort (a test split, a new site's batch), not one film at a time.
+use it to score a cohort (a test split, a new site's batch), not one film at a time. To score a
+new site's films one at a time, `adapt_model_to_images` (`xraylib adapt`) adapts the model once
+to a sample of that site's unlabelled films and writes the adapted model file, which `predict` and
+`evaluate` then use as any other; the file records what it was adapted to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from xraylib import config
-from xraylib.errors import ModelFileError
+from xraylib.errors import ConfigError, DatasetError, ModelFileError
 
 if TYPE_CHECKING:
     from xraylib.model import TrainedModel
@@ -128,12 +133,10 @@ class Adaptation:
         return asdict(self)
 
 
-def adapt_to_cohort(model: TrainedModel, pixels: Any, *, device: Any, amp_dtype: Any,
-                    rounds: int = config.ADAPT_ROUNDS) -> tuple[Any, np.ndarray, Adaptation]:
-    """`model.network` with its batch norms adapted to the cohort `pixels` (decoded and
-    preprocessed as `evaluate` does), rebalanced to the training's class mix; its calibrated
-    probabilities for `pixels`, which the last round computed; and what was done. The network is
-    on `device`, fused for inference."""
+def _adapt_rounds(model: TrainedModel, pixels: Any, *, device: Any, amp_dtype: Any,
+                  rounds: int) -> tuple[Any, Any, np.ndarray, Adaptation]:
+    """The adapted network as a model file holds it, the same fused for inference, its calibrated
+    probabilities for `pixels` (computed by the last round), and what was done."""
     from xraylib.evaluate import predict_probabilities
     from xraylib.model import inference_network
 
@@ -143,11 +146,76 @@ def adapt_to_cohort(model: TrainedModel, pixels: Any, *, device: Any, amp_dtype:
         return predict_probabilities(network, pixels, mean=model.mean, std=model.std, device=device, amp_dtype=amp_dtype,
                                      temperature=model.temperature, bias=model.calibration_bias)
 
-    network = inference_network(model.network.to(device))
+    adapted = model.network.to(device)
+    network = inference_network(adapted)
     probabilities = score(network)
     for _ in range(rounds):
-        network = inference_network(adapt_batchnorm(model.network, pixels, mean=model.mean, std=model.std,
-                                                    device=device, amp_dtype=amp_dtype,
-                                                    weights=rebalancing_weights(probabilities, share)))
+        adapted = adapt_batchnorm(model.network, pixels, mean=model.mean, std=model.std, device=device,
+                                  amp_dtype=amp_dtype, weights=rebalancing_weights(probabilities, share))
+        network = inference_network(adapted)
         probabilities = score(network)
-    return network, probabilities, Adaptation(len(pixels), rounds, round(share, 4), round(float(np.mean(probabilities)), 4))
+    adaptation = Adaptation(len(pixels), rounds, round(share, 4), round(float(np.mean(probabilities)), 4))
+    return adapted, network, probabilities, adaptation
+
+
+def adapt_to_cohort(model: TrainedModel, pixels: Any, *, device: Any, amp_dtype: Any,
+                    rounds: int = config.ADAPT_ROUNDS) -> tuple[Any, np.ndarray, Adaptation]:
+    """`model.network` with its batch norms adapted to the cohort `pixels` (decoded and
+    preprocessed as `evaluate` does), rebalanced to the training's class mix; its calibrated
+    probabilities for `pixels`, which the last round computed; and what was done. The network is
+    on `device`, fused for inference."""
+    _, network, probabilities, adaptation = _adapt_rounds(model, pixels, device=device, amp_dtype=amp_dtype,
+                                                          rounds=rounds)
+    return network, probabilities, adaptation
+
+
+def adapt_model_to_images(model: str | TrainedModel, images: str | Path | Sequence[str | Path], out: str, *,
+                          skip_bad: bool = False, precision: str = "auto", device: str = "auto",
+                          max_images: int = config.ADAPT_MAX_IMAGES, seed: int = 0,
+                          log: Callable[[str], None] = print) -> TrainedModel:
+    """Adapt a model's batch norms to a new site's images, without their labels, as `evaluate
+    --adapt-batchnorm` does to the images it scores, and write the adapted model file to `out` (a
+    `.pt` file, or a folder that gets `model.pt`; local or S3). `images` is one location or several,
+    each an image, or a folder or prefix standing for every image below it; of more than
+    `max_images`, that many are drawn at random (`seed`). The model file records the adaptation
+    under `batchnorm_adaptation` (and any earlier one under its `previous`); the model it came from
+    is not changed. Returns the adapted model, on the CPU."""
+    from xraylib import dataset
+    from xraylib.model import TrainedModel, inference_dtype, load_model, model_file_location, resolve_device, save_model
+    from xraylib.predict import as_locations, decode_for_model
+
+    started = time.perf_counter()
+    trained = load_model(model) if isinstance(model, str) else model
+    file = model_file_location(out)
+    if trained.location is not None and file == trained.location:
+        raise ConfigError(f"--out {out} is the model being adapted: write the adapted model to another location, so that "
+                          "the model it comes from stays as trained")
+    locations = as_locations(images)
+    if not locations:
+        raise ConfigError("no images to adapt to: pass the files, folders or prefixes of the new site's images")
+    names, _ = dataset.find_images(locations)  # a folder without images is an error there, naming it
+    found = len(names)
+    if found > max_images:
+        drawn = np.random.default_rng(seed).choice(found, size=max_images, replace=False)
+        names = [names[i] for i in sorted(drawn.tolist())]
+    pixels, kept, skipped = decode_for_model(trained, names, skip_bad=skip_bad)
+    dataset.report_skipped(skipped, log)
+    if pixels is None or len(kept) < 2:
+        raise DatasetError(f"only {len(kept)} of the images in {', '.join(locations)} could be decoded: adapting needs at "
+                           "least 2 (a few hundred give statistics close to those of all)")
+    torch_device = resolve_device(device)
+    adapted, _, _, adaptation = _adapt_rounds(trained, pixels, device=torch_device,
+                                              amp_dtype=inference_dtype(trained, torch_device, precision),
+                                              rounds=config.ADAPT_ROUNDS)
+    record: dict[str, Any] = {**adaptation.to_dict(), "images_location": locations, "images_found": found,
+                              "skipped_images": len(skipped),
+                              "adapted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if trained.metadata.get("batchnorm_adaptation"):
+        record["previous"] = trained.metadata["batchnorm_adaptation"]
+    metadata = {**trained.metadata, "batchnorm_adaptation": record}
+    save_model(file, adapted, metadata)
+    log(f"batch norms adapted to {adaptation.images} images of {', '.join(locations)}"
+        f"{f' (drawn from {found})' if found > adaptation.images else ''}: {adaptation.rounds} rounds, rebalanced to the "
+        f"training's {adaptation.training_positive_share:.0%} positives; the images' estimated share "
+        f"{adaptation.estimated_positive_share:.0%}. Wrote {file} in {time.perf_counter() - started:.1f} s")
+    return TrainedModel(adapted.to("cpu").eval(), metadata, file)

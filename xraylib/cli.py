@@ -1,5 +1,5 @@
-"""The `xraylib` command: upload, train, evaluate, predict, explain, compare, run (a notebook), demo,
-sagemaker train.
+"""The `xraylib` command: upload, train, evaluate, predict, adapt, explain, compare, run (a notebook),
+demo, sagemaker train.
 
 Each subcommand parses its arguments and calls the same public function a notebook calls. A
 problem the user can fix (an `XrayError`) prints one line, `xraylib: error: ...`, and exits 2;
@@ -79,6 +79,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
     for prediction in stream_predictions(args.model, args.images, skip_bad=args.skip_bad, precision=args.precision,
                                          device=args.device, log=lambda line: print(line, file=sys.stderr)):
         print(prediction)
+
+
+def cmd_adapt(args: argparse.Namespace) -> None:
+    from xraylib.adaptation import adapt_model_to_images
+
+    adapt_model_to_images(args.model, args.images, args.out, skip_bad=args.skip_bad, precision=args.precision,
+                          device=args.device)
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
@@ -219,6 +226,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
                    help="where to score: cpu (default), or auto / cuda for the GPU (under torchrun, each process's own)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("adapt", help="adapt a model's batch norms to a new site's unlabelled images; write the adapted "
+                                     "model file, which predict and evaluate use as any other")
+    p.add_argument("--model", required=True, help="a model file, or a train --out location")
+    p.add_argument("images", nargs="+", help="the new site's image files, or folders or s3:// prefixes of them (no labels "
+                                             f"needed; of more than {config.ADAPT_MAX_IMAGES}, that many drawn at random)")
+    p.add_argument("--out", required=True, help="where the adapted model goes: a .pt file, or a folder that gets model.pt "
+                                                "(local or s3://); not the model's own location")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and report) images that cannot be decoded")
+    p.add_argument("--precision", choices=config.PRECISIONS, default="auto", help=SCORING_PRECISION_HELP)
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("explain", help="Grad-CAM heat maps: where the network looks, one overlay PNG per image")
     p.add_argument("--model", required=True, help="a model file, or a train --out location")

@@ -284,8 +284,9 @@ def evaluate_loaded(
     """Score decoded images with `model` in `precision` (see `model.inference_dtype`) and compute
     the metrics at the model's threshold, with `trust_metrics`; they record the precision computed
     in (`compute_precision`) and the validation's. With `adapt_batchnorm`, the network's batch
-    norms are first adapted to these images (`adaptation.adapt_to_cohort`): metrics.json's
-    `batchnorm_adapted` says whether, and `batchnorm_adaptation` how."""
+    norms are first adapted to these images (`adaptation.adapt_to_cohort`). metrics.json's
+    `batchnorm_adapted` says whether the statistics scored with were adapted, here or by `xraylib
+    adapt` before (the model file's record), and `batchnorm_adaptation` how."""
     torch_device = resolve_device(device)
     amp_dtype = inference_dtype(model, torch_device, precision)
     adaptation = probs = None
@@ -309,9 +310,14 @@ def evaluate_loaded(
     if model.validation_precision is not None:  # model files from before it was recorded say nothing
         metrics["validation_precision"] = model.validation_precision
     metrics["tta_views"] = len(config.TTA_VIEWS) if tta else 1
-    metrics["batchnorm_adapted"] = adaptation is not None
-    if adaptation is not None:
-        metrics["batchnorm_adaptation"] = adaptation.to_dict()
+    # What set the statistics these images were scored with: this evaluation, or `xraylib adapt` before it.
+    earlier = model.metadata.get("batchnorm_adaptation")
+    record = adaptation.to_dict() if adaptation is not None else earlier
+    if adaptation is not None and earlier:
+        record["previous"] = earlier
+    metrics["batchnorm_adapted"] = record is not None
+    if record is not None:
+        metrics["batchnorm_adaptation"] = record
     metrics["class_names"] = list(data.class_names)
     metrics["skipped_images"] = len(data.skipped)
     if model.location is not None:
@@ -387,10 +393,13 @@ def evaluate_model(
     written = write_evaluation(evaluation, out) if out is not None else {}
     names = [location.rsplit("/", 1)[-1] for location in written.values()]
     adapted = evaluation.metrics.get("batchnorm_adaptation")
-    if adapted is not None:
+    if adapt_batchnorm:
         log(f"batch norms adapted to the {adapted['images']} images ({adapted['rounds']} rounds, rebalanced to the "
             f"training's {adapted['training_positive_share']:.0%} positives; the images' estimated share "
             f"{adapted['estimated_positive_share']:.0%})")
+    elif adapted is not None:
+        log(f"the model's batch norms were adapted before, to {adapted['images']} images of "
+            f"{', '.join(adapted['images_location'])} (xraylib adapt)")
     log(f"evaluated {len(evaluation.labels)} images{f' ({len(config.TTA_VIEWS)} views each)' if tta else ''} in "
         f"{time.perf_counter() - started:.1f} s" + (f"; wrote {', '.join(names[:-1])} and {names[-1]} to {out}" if names else ""))
     return evaluation

@@ -92,7 +92,13 @@ def model_card_markdown(metrics: Mapping[str, Any], metadata: Mapping[str, Any] 
               f"At the model's threshold {number(metrics.get('threshold'))} (computed in "
               f"{metrics.get('compute_precision', '?')}). 95% intervals: {metrics.get('ci_method', 'not computed')}.", ""]
     adapted = metrics.get("batchnorm_adaptation")
-    if adapted:
+    if adapted and "images_location" in adapted:
+        lines += [f"The model's batch norms were adapted to {adapted['images']} images of "
+                  f"{', '.join(f'`{where}`' for where in adapted['images_location'])} without their labels before this "
+                  f"evaluation (`xraylib adapt`, {adapted['adapted']}, {adapted['rounds']} rounds, rebalanced to the "
+                  f"training's {float(adapted['training_positive_share']):.0%} {positive}); each film is scored alone. "
+                  "Where those are the evaluation's own images, the numbers are those of `--adapt-batchnorm`.", ""]
+    elif adapted:
         lines += [f"Scored with the batch norms adapted to these {adapted['images']} images, without their labels "
                   f"(`--adapt-batchnorm`, {adapted['rounds']} rounds, rebalanced to the training's "
                   f"{float(adapted['training_positive_share']):.0%} {positive}): each probability depends on the images "

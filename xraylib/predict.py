@@ -41,29 +41,40 @@ class Prediction:
         return f"{self.image}\t{self.label}\t{self.probability:.4f}"
 
 
-def _as_locations(images: str | Path | Sequence[str | Path]) -> list[str]:
+def as_locations(images: str | Path | Sequence[str | Path]) -> list[str]:
+    """One location or several, as a list of strings."""
     locations = [images] if isinstance(images, str | Path) else images  # one string is one location, not its letters
     return [str(i) for i in locations]
 
 
-def _score(trained: TrainedModel, network: Any, amp_dtype: Any, names: Sequence[str], *,
-           skip_bad: bool) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    """Fetch, decode and score `names`: their predictions, and (name, reason) of those skipped."""
+def decode_for_model(trained: TrainedModel, names: Sequence[str], *,
+                     skip_bad: bool) -> tuple[Any, list[str], list[tuple[str, str]]]:
+    """Fetch and decode unlabelled images as `trained` reads them (its size and contrast
+    normalization): their uint8 pixels [N, H, W] (None when not one decoded), the names decoded,
+    and (name, reason) of those skipped."""
     import torch
-
-    from xraylib.evaluate import predict_probabilities
 
     kept, skipped = dataset.decode_each(
         lambda location: dataset.equalize(dataset.decode_image(storage.read_bytes(location), trained.image_size, location),
                                           trained.equalize),
         names, skip_bad=skip_bad)
     if not kept:
+        return None, [], skipped
+    return torch.from_numpy(np.stack([r for _, r in kept])), [name for name, _ in kept], skipped
+
+
+def _score(trained: TrainedModel, network: Any, amp_dtype: Any, names: Sequence[str], *,
+           skip_bad: bool) -> tuple[list[Prediction], list[tuple[str, str]]]:
+    """Fetch, decode and score `names`: their predictions, and (name, reason) of those skipped."""
+    from xraylib.evaluate import predict_probabilities
+
+    pixels, kept, skipped = decode_for_model(trained, names, skip_bad=skip_bad)
+    if pixels is None:
         return [], skipped
-    pixels = torch.from_numpy(np.stack([r for _, r in kept]))
     probs = predict_probabilities(network, pixels, mean=trained.mean, std=trained.std, temperature=trained.temperature,
                                   bias=trained.calibration_bias, amp_dtype=amp_dtype)
     return ([Prediction(name, trained.class_names[int(p >= trained.threshold)], float(p))
-             for (name, _), p in zip(kept, probs.tolist(), strict=True)], skipped)
+             for name, p in zip(kept, probs.tolist(), strict=True)], skipped)
 
 
 def iter_predictions(trained: TrainedModel, names: Sequence[str], *, skip_bad: bool = False, precision: str = "auto",
@@ -103,7 +114,7 @@ def stream_predictions(model: str | TrainedModel, images: str | Path | Sequence[
                        log: Callable[[str], None] = print) -> Iterator[Prediction]:
     """`predict_images` one prediction at a time, scored a chunk at a time, in bounded memory; a model
     file is loaded onto `device` (the CPU when None)."""
-    names, ignored = dataset.find_images(_as_locations(images))
+    names, ignored = dataset.find_images(as_locations(images))
     if ignored:
         log(f"ignored {len(ignored)} non-image file(s)")
     if not names:
@@ -186,7 +197,7 @@ def predict_to_csv(model: str | TrainedModel, images: str | Path | Sequence[str 
         todo: list[str] = []
         already = 0
         if topology.is_main:
-            names, ignored = dataset.find_images(_as_locations(images))
+            names, ignored = dataset.find_images(as_locations(images))
             if ignored:
                 log(f"ignored {len(ignored)} non-image file(s)")
             if remote:
