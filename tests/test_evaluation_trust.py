@@ -14,6 +14,7 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 
 from tests.conftest import scratch_dir
 from xraylib import calibration, cli, config, dataset, storage
+from xraylib.adaptation import adapt_to_cohort
 from xraylib.compare import compare_evaluations
 from xraylib.evaluate import choose_threshold, evaluate_loaded, evaluate_model
 from xraylib.model import TrainedModel, build_resnet50, model_metadata, save_model
@@ -493,3 +494,25 @@ def test_adapt_will_not_overwrite_the_model_it_adapts_nor_run_without_images(blo
                      "--device", "cpu"]) == 2
     assert f"no images (.jpeg, .jpg, .png, .dcm) in {tmp_path / 'empty'}" in capsys.readouterr().err
     assert original.read_bytes() == before and not (tmp_path / "new").exists()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known limit (README, Adapting to a new cohort): the rebalancing trusts the unadapted model's "
+                          "judgement of the class mix")
+def test_known_limit_a_cohort_the_unadapted_model_calls_nearly_all_negative_is_ranked_but_not_called(blob_model):
+    """Faded to half its contrast, a cohort of as many positives as negatives is judged mostly
+    negative by the model as trained; the rebalancing then draws the positives more often, which
+    moves the adapted scores down, and the second round judges the cohort about 12% positive. The
+    network adapted to it ranks other films of the same kind (ROC AUC 1.0) but calls many
+    positives negative (accuracy about 0.7). When this passes, the limit is gone: take its
+    paragraph out of the README."""
+    def faded(tile: np.ndarray) -> np.ndarray:
+        return (tile * 0.5 + 64).astype(np.uint8)
+
+    site = _blob_cohort(60, 60, faded, seed=11)
+    films = _blob_cohort(30, 30, faded, seed=12)
+    adapted_network = adapt_to_cohort(blob_model, site.pixels, device="cpu", amp_dtype=None)[0]
+    adapted = TrainedModel(adapted_network, blob_model.metadata)
+    metrics = evaluate_loaded(adapted, films, device="cpu").metrics
+    assert metrics["roc_auc"] > 0.98
+    assert metrics["accuracy"] > 0.9, metrics["accuracy"]
