@@ -516,3 +516,25 @@ def test_known_limit_a_cohort_the_unadapted_model_calls_nearly_all_negative_is_r
     metrics = evaluate_loaded(adapted, films, device="cpu").metrics
     assert metrics["roc_auc"] > 0.98
     assert metrics["accuracy"] > 0.9, metrics["accuracy"]
+
+
+def test_adapt_reads_a_sites_films_from_s3_draws_a_sample_of_many_and_writes_the_model_there(blob_model, bucket, tmp_path):
+    from xraylib.adaptation import adapt_model_to_images
+    from xraylib.model import load_model
+
+    _write_blob_images(tmp_path / "site", [i % 2 for i in range(40)], lambda a: a, seed=13, class_folders=False)
+    storage.upload_directory(tmp_path / "site", f"s3://{bucket}/site-b/2026-11")
+    said = []
+    returned = adapt_model_to_images(blob_model, f"s3://{bucket}/site-b/", f"s3://{bucket}/runs/site-b", device="cpu",
+                                     max_images=16, log=said.append)
+    stored = load_model(f"s3://{bucket}/runs/site-b")
+    record = stored.metadata["batchnorm_adaptation"]
+    assert record["images"] == 16 and record["images_found"] == 40
+    assert record["images_location"] == [f"s3://{bucket}/site-b/"]
+    assert stored.location == returned.location == f"s3://{bucket}/runs/site-b/model.pt"
+    assert f"batch norms adapted to 16 images of s3://{bucket}/site-b/ (drawn from 40)" in said[-1]
+    # The file holds the adapted statistics, not the model's own.
+    own = dict(blob_model.network.named_buffers())
+    moved = [name for name, value in stored.network.named_buffers() if name.endswith("running_mean")
+             and not np.allclose(value.numpy(), own[name].numpy())]
+    assert moved
