@@ -91,8 +91,8 @@ ADAPT_PRIOR_IMAGES = 32
 # How many times the cohort's class mix is judged (by the network adapted the round before) and
 # the statistics gathered again.
 ADAPT_ROUNDS = 2
-# `xraylib adapt` draws at most this many of a site's images (the statistics of a few thousand are
-# as good as those of all), so that its memory does not grow with the prefix.
+# `xraylib adapt` draws at most this many of a site's images, so that its memory does not grow with
+# the prefix (on the shift benchmark a few hundred films already sufficed: README).
 ADAPT_MAX_IMAGES = 4096
 
 
