@@ -51,25 +51,12 @@ def main() -> None:
     def square(pixels: np.ndarray, rows: slice) -> np.ndarray:
         return np.asarray(Image.fromarray(pixels[rows]).resize((size, size), Image.BILINEAR))
 
-    def clean(location: str) -> np.ndarray:
-        return equalize(decode_image(storage.read_bytes(location), size, location), model.equalize)
-
-    def cropped(location: str) -> np.ndarray:
-        film = shifts.SHIFTS["crop top 12%"](shifts.full_resolution_gray(storage.read_bytes(location)), None)
-        return equalize(decode_image(film, size, location), model.equalize)
-
     def blacked(location: str) -> np.ndarray:
         film = shifts.full_resolution_gray(storage.read_bytes(location)).copy()
         film[: round(film.shape[0] * CUT)] = 0
         return equalize(decode_image(encode(film, fmt="PNG"), size, location), model.equalize)
 
-    variants: dict[str, Callable[[str], np.ndarray]] = {
-        "clean": clean,
-        "crop top (the benchmark's)": cropped,
-        "crop top after equalizing": lambda location: square(clean(location), slice(round(size * CUT), None)),
-        "top 12% blacked out, no stretch": blacked,
-        "bottom 12% cut after equalizing": lambda location: square(clean(location), slice(None, size - round(size * CUT))),
-    }
+    cut = round(size * CUT)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "chest_xray"
         make_holdout_root(real_train_folder(), root)
@@ -78,9 +65,17 @@ def main() -> None:
         locations = [r.obj.location for r in records]
         print(f"{len(locations)} held-out films, model {args.model} ({size} px, threshold {model.threshold:.3f})")
         print("| films | specificity | sensitivity | normal films' mean P(pneumonia) |\n|---|---|---|---|")
+        clean = shifts.load_shifted(locations, "clean", size, equalize_mode=model.equalize).numpy()
+        variants: dict[str, Callable[[], np.ndarray]] = {  # each a function, so one set of pixels is held at a time
+            "clean": lambda: clean,
+            "crop top (the benchmark's)":
+                lambda: shifts.load_shifted(locations, "crop top 12%", size, equalize_mode=model.equalize).numpy(),
+            "crop top after equalizing": lambda: np.stack([square(a, slice(cut, None)) for a in clean]),
+            "top 12% blacked out, no stretch": lambda: np.stack(storage.parallel_map(blacked, locations)),
+            "bottom 12% cut after equalizing": lambda: np.stack([square(a, slice(None, size - cut)) for a in clean]),
+        }
         for name, load in variants.items():
-            pixels = torch.from_numpy(np.stack(storage.parallel_map(load, locations)))
-            p = predict_probabilities(network, pixels, mean=model.mean, std=model.std, device=device,
+            p = predict_probabilities(network, torch.from_numpy(load()), mean=model.mean, std=model.std, device=device,
                                       amp_dtype=inference_dtype(model, device), temperature=model.temperature,
                                       bias=model.calibration_bias)
             called = p >= model.threshold

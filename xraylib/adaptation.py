@@ -133,6 +133,21 @@ class Adaptation:
         return asdict(self)
 
 
+def adaptation_record(adaptation: Adaptation, earlier: dict[str, Any] | None, **where: Any) -> dict[str, Any]:
+    """What metrics.json and a model file record of `adaptation`: its fields, `where` (what `xraylib
+    adapt` adapted to), and the model's own earlier adaptation, if any, under 'previous'."""
+    record = {**adaptation.to_dict(), **where}
+    if earlier:
+        record["previous"] = earlier
+    return record
+
+
+def describe(record: dict[str, Any]) -> str:
+    """How an adaptation was done, for a log line."""
+    return (f"{record['rounds']} rounds, rebalanced to the training's {record['training_positive_share']:.0%} positives; "
+            f"the images' estimated share {record['estimated_positive_share']:.0%}")
+
+
 def _adapt_rounds(model: TrainedModel, pixels: Any, *, device: Any, amp_dtype: Any,
                   rounds: int) -> tuple[Any, Any, np.ndarray, Adaptation]:
     """The adapted network as a model file holds it, the same fused for inference, its calibrated
@@ -207,15 +222,12 @@ def adapt_model_to_images(model: str | TrainedModel, images: str | Path | Sequen
     adapted, _, _, adaptation = _adapt_rounds(trained, pixels, device=torch_device,
                                               amp_dtype=inference_dtype(trained, torch_device, precision),
                                               rounds=config.ADAPT_ROUNDS)
-    record: dict[str, Any] = {**adaptation.to_dict(), "images_location": locations, "images_found": found,
-                              "skipped_images": len(skipped),
-                              "adapted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if trained.metadata.get("batchnorm_adaptation"):
-        record["previous"] = trained.metadata["batchnorm_adaptation"]
+    record = adaptation_record(adaptation, trained.metadata.get("batchnorm_adaptation"), images_location=locations,
+                               images_found=found, skipped_images=len(skipped),
+                               adapted=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     metadata = {**trained.metadata, "batchnorm_adaptation": record}
     save_model(file, adapted, metadata)
     log(f"batch norms adapted to {adaptation.images} images of {', '.join(locations)}"
-        f"{f' (drawn from {found})' if found > adaptation.images else ''}: {adaptation.rounds} rounds, rebalanced to the "
-        f"training's {adaptation.training_positive_share:.0%} positives; the images' estimated share "
-        f"{adaptation.estimated_positive_share:.0%}. Wrote {file} in {time.perf_counter() - started:.1f} s")
+        f"{f' (drawn from {found})' if found > adaptation.images else ''}: {describe(record)}. "
+        f"Wrote {file} in {time.perf_counter() - started:.1f} s")
     return TrainedModel(adapted.to("cpu").eval(), metadata, file)

@@ -311,10 +311,11 @@ def evaluate_loaded(
         metrics["validation_precision"] = model.validation_precision
     metrics["tta_views"] = len(config.TTA_VIEWS) if tta else 1
     # What set the statistics these images were scored with: this evaluation, or `xraylib adapt` before it.
-    earlier = model.metadata.get("batchnorm_adaptation")
-    record = adaptation.to_dict() if adaptation is not None else earlier
-    if adaptation is not None and earlier:
-        record["previous"] = earlier
+    record = model.metadata.get("batchnorm_adaptation")
+    if adaptation is not None:
+        from xraylib.adaptation import adaptation_record
+
+        record = adaptation_record(adaptation, record)
     metrics["batchnorm_adapted"] = record is not None
     if record is not None:
         metrics["batchnorm_adaptation"] = record
@@ -394,9 +395,9 @@ def evaluate_model(
     names = [location.rsplit("/", 1)[-1] for location in written.values()]
     adapted = evaluation.metrics.get("batchnorm_adaptation")
     if adapt_batchnorm:
-        log(f"batch norms adapted to the {adapted['images']} images ({adapted['rounds']} rounds, rebalanced to the "
-            f"training's {adapted['training_positive_share']:.0%} positives; the images' estimated share "
-            f"{adapted['estimated_positive_share']:.0%})")
+        from xraylib.adaptation import describe
+
+        log(f"batch norms adapted to the {adapted['images']} images ({describe(adapted)})")
     elif adapted is not None:
         log(f"the model's batch norms were adapted before, to {adapted['images']} images of "
             f"{', '.join(adapted['images_location'])} (xraylib adapt)")
