@@ -97,7 +97,7 @@ def test_labels_stay_with_their_images_through_shuffling_and_batching(tmp_path):
     assert seen == 90
 
 
-@pytest.mark.parametrize("level", ["geometry", "acquisition"])
+@pytest.mark.parametrize("level", ["geometry", "acquisition", "collimation"])
 def test_augmentation_varies_each_image_a_little_never_flips_and_runs_where_the_pixels_are(level):
     # A bright patch on the left of a dark image, as the heart is on the left of a radiograph.
     pixels = torch.zeros(16, 64, 64, dtype=torch.uint8)
@@ -134,6 +134,36 @@ def test_acquisition_augmentation_makes_sharpness_and_dark_frames_useless_as_a_c
     assert 3 <= int(dark_edges.sum()) <= 30  # some films get a black frame, most do not
     with pytest.raises(ValueError, match="geometry"):
         dataset.augment_batch(stripes, None, "heavy")
+
+
+def test_a_cut_side_is_what_a_film_cropped_there_and_squashed_to_the_square_looks_like():
+    # Horizontal bands, so that where each row of the film lands is plain to see.
+    film = (np.arange(64) * 4 % 256).astype(np.uint8)[:, None].repeat(64, axis=1)
+    cut = dataset.affine_batch(torch.from_numpy(film)[None], angle=0.0, scale=1.0, shift_x=0.0, shift_y=0.0,
+                               cuts=torch.tensor([[0.0, 0.0, 0.125, 0.0]]))[0, 0].numpy() * 255
+    cropped = np.asarray(Image.fromarray(film[8:]).resize((64, 64), Image.BILINEAR), dtype=np.float64)
+    # The benchmark's cropped top, made by PIL; the same rows, up to PIL's and grid_sample's edges.
+    assert np.abs(cut[2:-2] - cropped[2:-2]).max() < 3
+    assert np.abs(cut[2:-2] - film[2:-2]).max() > 20  # and not the film as it was
+
+
+def test_collimation_cuts_one_side_of_some_films_and_not_of_others():
+    # A bright square in the middle: a cut on one side stretches it and moves it away from that side.
+    pixels = torch.zeros(256, 64, 64, dtype=torch.uint8)
+    pixels[:, 24:40, 24:40] = 200
+
+    def extents(views: torch.Tensor) -> torch.Tensor:
+        bright = views[:, 0] > 0.3
+        return torch.stack([bright.any(dim=2).sum(dim=1), bright.any(dim=1).sum(dim=1)], 1).float()  # height, width
+
+    def aspect(level: str) -> torch.Tensor:
+        h_w = extents(dataset.augment_batch(pixels, torch.Generator().manual_seed(3), level))
+        return h_w[:, 0] / h_w[:, 1]
+
+    # Rotations and noise move the extents by a pixel or two; a cut of up to 10% by up to 7.
+    assert (aspect("acquisition") - 1).abs().max() < 0.12
+    stretched = ((aspect("collimation") - 1).abs() > 0.12).float().mean()
+    assert 0.05 < stretched < 0.6, stretched
 
 
 def test_index_reads_the_train_split_and_ignores_non_images(tiny_dataset):

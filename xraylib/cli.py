@@ -165,7 +165,8 @@ def add_train_flags(p: argparse.ArgumentParser, *, data_help: str, out_help: str
                         f"default {defaults.ema_decay} (off)")
     p.add_argument("--augment", choices=config.AUGMENT_LEVELS,
                    help="geometry: rotations, shifts, zoom, contrast; acquisition: also gamma, blur, noise and a dark "
-                        f"frame, as other scanners differ; default {defaults.augment}")
+                        f"frame, as other scanners differ; collimation: also one side or more cut and squashed back "
+                        f"to the square; default {defaults.augment}")
     p.add_argument("--no-augment", action="store_true", help="the same as --augment none")
     p.add_argument("--equalize", choices=config.EQUALIZE_MODES,
                    help=f"contrast normalization of every image, recorded in the model; default {defaults.equalize}")

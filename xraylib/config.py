@@ -99,7 +99,7 @@ ADAPT_MAX_IMAGES = 4096
 # Compute precisions: auto picks per device (model.autocast_dtype).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Training augmentation (dataset.augment_batch says what each adds); True means the default level.
-AUGMENT_LEVELS = ("none", "geometry", "acquisition")
+AUGMENT_LEVELS = ("none", "geometry", "acquisition", "collimation")
 # Contrast normalization applied to every decoded image (dataset.equalize) and recorded in the model.
 EQUALIZE_MODES = ("none", "histogram")
 # How the decision threshold is chosen on validation (evaluate.choose_threshold says what each does).

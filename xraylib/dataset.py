@@ -699,6 +699,11 @@ def augment_batch(pixels: Any, generator: Any = None, level: str = "acquisition"
       with 'geometry' calls a pneumonia film with a black frame normal and a tightly cropped normal
       film pneumonia (benchmarks/bench_shift.py). NORMAL films are also sharper (sharpness alone
       separates the classes with ROC AUC 0.88): blur and noise break that link.
+    - 'collimation': 'acquisition', and each side of the framed film, independently, cut by up to
+      10% for 30% of the images, then squashed back to the square: a film collimated tighter on
+      one side, which every film's squash to a square turns into a stretch and a move of the
+      chest. Isotropic zoom and shifts cannot draw that, and the cropped top, a vertical stretch
+      with the chest moved up, is the cpu preset's weak spot on the shift benchmark.
 
     uint8 [B, H, W] in, float [B, 1, H, W] in 0..1 out, on the pixels' device; the random draws
     come from `generator` (a CPU one), so a seed gives the same views anywhere."""
@@ -724,10 +729,12 @@ def augment_batch(pixels: Any, generator: Any = None, level: str = "acquisition"
     else:
         framing = {"angle": uniform(-10, 10), "scale": torch.exp(uniform(math.log(0.8), math.log(1.25))),
                    "shift_x": uniform(-0.08, 0.08), "shift_y": uniform(-0.08, 0.08)}
+        if level == "collimation":
+            framing["cuts"] = torch.stack([sometimes(0.3, 0.0, 0.10) for _ in range(4)], 1)
         edge = affine_batch(pixels, **framing)
         black = affine_batch(pixels, **framing, fill="zeros")
         x = torch.where(chance(0.5).view(b, 1, 1, 1), black, edge)
-    if level == "acquisition":
+    if level in ("acquisition", "collimation"):
         gamma = torch.exp(uniform(-0.25, 0.25)).view(b, 1, 1, 1)  # 0.78..1.28
         x = x.clamp(min=1e-6).pow(gamma)
         x = _blur_batch(x, sometimes(0.5, 0.2, 1.2))
@@ -735,7 +742,7 @@ def augment_batch(pixels: Any, generator: Any = None, level: str = "acquisition"
     brightness = uniform(-0.08, 0.08).view(b, 1, 1, 1)
     mean = x.mean(dim=(2, 3), keepdim=True)
     x = (x - mean) * contrast + mean + brightness
-    if level == "acquisition":
+    if level in ("acquisition", "collimation"):
         sigma = sometimes(0.5, 0.0, 0.03).view(b, 1, 1, 1)
         x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
         x = _dark_frame(x, sometimes(0.2, 0.0, 0.06))
@@ -773,8 +780,11 @@ def _dark_frame(x: Any, fraction: Any) -> Any:
     return x * inside.unsqueeze(1).to(x.dtype)
 
 
-def affine_batch(pixels: Any, *, angle: Any, scale: Any, shift_x: Any, shift_y: Any, fill: str = "border") -> Any:
+def affine_batch(pixels: Any, *, angle: Any, scale: Any, shift_x: Any, shift_y: Any, cuts: Any = None,
+                 fill: str = "border") -> Any:
     """Rotate (degrees), zoom and shift (fractions of the side) each image; numbers or one per image.
+    With `cuts` ([B, 4]: left, right, top, bottom, fractions of the side), that much of each side of
+    the result is cut off and the rest squashed back to the square, in the same resampling.
     uint8 [B, H, W] in, float [B, 1, H, W] in 0..1 out; what comes into view beyond the edges is the
     edge extended ('border') or black ('zeros', as around a film)."""
     import torch
@@ -789,6 +799,15 @@ def affine_batch(pixels: Any, *, angle: Any, scale: Any, shift_x: Any, shift_y: 
     radians = per_image(angle) * (math.pi / 180)
     cos, sin = torch.cos(radians) / per_image(scale), torch.sin(radians) / per_image(scale)
     theta = torch.stack([torch.stack([cos, -sin, per_image(shift_x)], 1), torch.stack([sin, cos, per_image(shift_y)], 1)], 1)
+    if cuts is not None:
+        # The kept window, in the grid's [-1, 1] coordinates of the rotated, zoomed and shifted
+        # image: output point p samples that image at window_scale * p + window_centre.
+        left, right, top, bottom = (cuts[:, i].to(x.device, torch.float32) * 2 for i in range(4))
+        window = torch.zeros(b, 3, 3, device=x.device)
+        window[:, 0, 0], window[:, 0, 2] = 1 - (left + right) / 2, (left - right) / 2
+        window[:, 1, 1], window[:, 1, 2] = 1 - (top + bottom) / 2, (top - bottom) / 2
+        window[:, 2, 2] = 1
+        theta = theta @ window
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=fill, align_corners=False)
 

@@ -11,8 +11,9 @@ family is one that augmentation draws from, the shift is stronger than anything 
 (rotations of 15 degrees against 10, zoom 1.2 against 1.1, gamma 0.6 and 1.6 against 0.78-1.28,
 blur of 1.5 px at full size and noise of 10 grey levels against what the model's smaller input
 sees), and `TRAINED_FAMILIES` says which families each augmentation level draws, so that a
-report can also give the mean and worst over the shifts a model never trained on: re-compression,
-cropping and burnt-in markers for every level.
+report can also give the mean and worst over the shifts a model never trained on: re-compression
+and burnt-in markers for every level, and cropping for every level but 'collimation' (which cuts
+up to 10% of a side, against the cropped top's 12%).
 
 `load_shifted` decodes a list of image locations under one shift; `shift_metrics` scores a
 model's probabilities under every shift and summarizes them (clean, mean, worst).
@@ -178,6 +179,8 @@ TRAINED_FAMILIES = {
     "none": frozenset(),
     "geometry": frozenset({"exposure", "contrast", "zoom", "rotation"}),
     "acquisition": frozenset({"exposure", "contrast", "zoom", "rotation", "gamma", "noise", "softness", "frame"}),
+    "collimation": frozenset({"exposure", "contrast", "zoom", "rotation", "gamma", "noise", "softness", "frame",
+                              "framing"}),
 }
 
 
