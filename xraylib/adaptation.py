@@ -148,8 +148,8 @@ def describe(record: dict[str, Any]) -> str:
             f"the images' estimated share {record['estimated_positive_share']:.0%}")
 
 
-def _adapt_rounds(model: TrainedModel, pixels: Any, *, device: Any, amp_dtype: Any,
-                  rounds: int) -> tuple[Any, Any, np.ndarray, Adaptation]:
+def _adapt_rounds(model: TrainedModel, pixels: Any, *, device: Any, amp_dtype: Any, rounds: int,
+                  prior_images: int = config.ADAPT_PRIOR_IMAGES) -> tuple[Any, Any, np.ndarray, Adaptation]:
     """The adapted network as a model file holds it, the same fused for inference, its calibrated
     probabilities for `pixels` (computed by the last round), and what was done."""
     from xraylib.evaluate import predict_probabilities
@@ -166,7 +166,8 @@ def _adapt_rounds(model: TrainedModel, pixels: Any, *, device: Any, amp_dtype: A
     probabilities = score(network)
     for _ in range(rounds):
         adapted = adapt_batchnorm(model.network, pixels, mean=model.mean, std=model.std, device=device,
-                                  amp_dtype=amp_dtype, weights=rebalancing_weights(probabilities, share))
+                                  amp_dtype=amp_dtype, prior_images=prior_images,
+                                  weights=rebalancing_weights(probabilities, share))
         network = inference_network(adapted)
         probabilities = score(network)
     adaptation = Adaptation(len(pixels), rounds, round(share, 4), round(float(np.mean(probabilities)), 4))
@@ -174,13 +175,14 @@ def _adapt_rounds(model: TrainedModel, pixels: Any, *, device: Any, amp_dtype: A
 
 
 def adapt_to_cohort(model: TrainedModel, pixels: Any, *, device: Any, amp_dtype: Any,
-                    rounds: int = config.ADAPT_ROUNDS) -> tuple[Any, np.ndarray, Adaptation]:
+                    rounds: int = config.ADAPT_ROUNDS,
+                    prior_images: int = config.ADAPT_PRIOR_IMAGES) -> tuple[Any, np.ndarray, Adaptation]:
     """`model.network` with its batch norms adapted to the cohort `pixels` (decoded and
     preprocessed as `evaluate` does), rebalanced to the training's class mix; its calibrated
     probabilities for `pixels`, which the last round computed; and what was done. The network is
     on `device`, fused for inference."""
     _, network, probabilities, adaptation = _adapt_rounds(model, pixels, device=device, amp_dtype=amp_dtype,
-                                                          rounds=rounds)
+                                                          rounds=rounds, prior_images=prior_images)
     return network, probabilities, adaptation
 
 

@@ -87,7 +87,7 @@ TTA_VIEWS = ((0.0, 1.0, 0.0, 0.0), (0.0, 1.05, 0.0, 0.0), (0.0, 0.95, 0.0, 0.0),
 # gathered (as many as training's batches, so each batch's variance is as noisy), and how many
 # images the training statistics count as when blended with a new cohort's.
 ADAPT_BATCH_SIZE = 32
-ADAPT_PRIOR_IMAGES = 32
+ADAPT_PRIOR_IMAGES = 8
 # How many times the cohort's class mix is judged (by the network adapted the round before) and
 # the statistics gathered again.
 ADAPT_ROUNDS = 2
