@@ -8,7 +8,10 @@ ROC AUC 0.992, specificity 0.74 at 0.5). Re-estimating them on the new images (L
 "Revisiting batch normalization for practical domain adaptation"; Schneider et al. 2020,
 "Improving robustness against common corruptions by covariate shift adaptation") re-centres the
 activations. The training statistics count as `config.ADAPT_PRIOR_IMAGES` images, so that a
-handful of images moves them only a little.
+handful of images moves them only a little. That weight is a compromise
+(benchmarks/bench_adapt_stability.py): a heavier one leaves part of a strong shift in the
+statistics, which the rebalancing below can then amplify; none at all leaves the rebalancing
+undamped, and on a cohort whose class mix dominates the statistics it can run away.
 
 The statistics also carry the class mix: gathered plainly on a cohort with fewer pneumonia films
 than training had, they move every score towards pneumonia (on the benchmark's clean images at

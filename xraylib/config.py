@@ -85,7 +85,8 @@ CPU_EVAL_BATCH_PIXELS = 400_000
 TTA_VIEWS = ((0.0, 1.0, 0.0, 0.0), (0.0, 1.05, 0.0, 0.0), (0.0, 0.95, 0.0, 0.0), (5.0, 1.0, 0.0, 0.0), (-5.0, 1.0, 0.0, 0.0))
 # Test-time batch-norm adaptation (adaptation.py): images per batch while the statistics are
 # gathered (as many as training's batches, so each batch's variance is as noisy), and how many
-# images the training statistics count as when blended with a new cohort's.
+# images the training statistics count as when blended with a new cohort's (32 until
+# benchmarks/bench_adapt_stability.py: README, "Adapting to a new cohort").
 ADAPT_BATCH_SIZE = 32
 ADAPT_PRIOR_IMAGES = 8
 # How many times the cohort's class mix is judged (by the network adapted the round before) and
@@ -190,7 +191,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     val_fraction: float = 0.15
-    augment: str = "acquisition"
+    augment: str = "collimation"
     equalize: str = "histogram"
     threshold_policy: str = "balanced"
     label_smoothing: float = 0.0

@@ -687,7 +687,7 @@ def to_model_input(pixels: Any, mean: Sequence[float], std: Sequence[float]) -> 
     return ((x - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
 
 
-def augment_batch(pixels: Any, generator: Any = None, level: str = "acquisition") -> Any:
+def augment_batch(pixels: Any, generator: Any = None, level: str = "collimation") -> Any:
     """Random changes of the kind radiographs vary by; no flips (the heart is on the left).
 
     - 'geometry': small rotations, shifts and zoom, and contrast and brightness.
@@ -699,7 +699,7 @@ def augment_batch(pixels: Any, generator: Any = None, level: str = "acquisition"
       with 'geometry' calls a pneumonia film with a black frame normal and a tightly cropped normal
       film pneumonia (benchmarks/bench_shift.py). NORMAL films are also sharper (sharpness alone
       separates the classes with ROC AUC 0.88): blur and noise break that link.
-    - 'collimation': 'acquisition', and each side of the framed film, independently, cut by up to
+    - 'collimation' (the default): 'acquisition', and each side of the framed film, independently, cut by up to
       10% for 30% of the images, then squashed back to the square: a film collimated tighter on
       one side, which every film's squash to a square turns into a stretch and a move of the
       chest. Isotropic zoom and shifts cannot draw that, and the cropped top, a vertical stretch
