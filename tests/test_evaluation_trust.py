@@ -387,6 +387,7 @@ def test_adapted_to_a_cohort_of_lower_contrast_the_model_ranks_and_calls_it_agai
     assert adapted.metrics["batchnorm_adapted"] is True
     record = adapted.metrics["batchnorm_adaptation"]
     assert record["images"] == 120 and record["rounds"] == config.ADAPT_ROUNDS
+    assert record["prior_images"] == config.ADAPT_PRIOR_IMAGES
     assert record["training_positive_share"] == 0.5  # the blob model trained on as many of each
     # The model is not changed by it: scored plainly again, the same probabilities.
     assert np.array_equal(evaluate_loaded(blob_model, faded, device="cpu").probabilities, plain.probabilities)

@@ -131,6 +131,7 @@ class Adaptation:
     rounds: int
     training_positive_share: float
     estimated_positive_share: float  # the cohort's, by the adapted model's mean probability
+    prior_images: int  # how many images the training statistics counted as in the blend
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,7 +174,7 @@ def _adapt_rounds(model: TrainedModel, pixels: Any, *, device: Any, amp_dtype: A
                                   weights=rebalancing_weights(probabilities, share))
         network = inference_network(adapted)
         probabilities = score(network)
-    adaptation = Adaptation(len(pixels), rounds, round(share, 4), round(float(np.mean(probabilities)), 4))
+    adaptation = Adaptation(len(pixels), rounds, round(share, 4), round(float(np.mean(probabilities)), 4), prior_images)
     return adapted, network, probabilities, adaptation
 
 
