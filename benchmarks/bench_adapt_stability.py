@@ -30,7 +30,7 @@ import numpy as np
 
 from tests.test_evaluation_trust import _blob_cohort, _train_blob_model
 from xraylib import config
-from xraylib.adaptation import adapt_batchnorm, rebalancing_weights, training_positive_share
+from xraylib.adaptation import adapt_batchnorm, adapt_to_cohort, rebalancing_weights, training_positive_share
 from xraylib.evaluate import predict_probabilities
 from xraylib.model import TrainedModel, inference_network, load_model
 
@@ -52,20 +52,22 @@ SITES = {"faded, 50% positive": (faded, 60, 60), "unchanged, 17% positive": (unc
 
 def adapted_scores(model: TrainedModel, site, films, *, start: str, prior: int) -> tuple[float, float]:
     """The site's judged share of positives and the accuracy on `films` after adapting to `site`."""
-    def score(network, pixels) -> np.ndarray:
-        return predict_probabilities(inference_network(network), pixels, mean=model.mean, std=model.std, device="cpu",
+    def score(network, pixels) -> np.ndarray:  # a network fused for inference
+        return predict_probabilities(network, pixels, mean=model.mean, std=model.std, device="cpu",
                                      amp_dtype=None, temperature=model.temperature, bias=model.calibration_bias)
 
-    share = training_positive_share(model.metadata)
-    network = model.network
-    if start == "plain":
-        network = adapt_batchnorm(model.network, site.pixels, mean=model.mean, std=model.std, device="cpu",
-                                  prior_images=prior)
-    judged = score(network, site.pixels)
-    for _ in range(config.ADAPT_ROUNDS):
-        network = adapt_batchnorm(model.network, site.pixels, mean=model.mean, std=model.std, device="cpu",
-                                  prior_images=prior, weights=rebalancing_weights(judged, share))
+    if start == "as trained":  # the library's own rounds
+        network, judged, _ = adapt_to_cohort(model, site.pixels, device="cpu", amp_dtype=None, prior_images=prior)
+    else:
+        share = training_positive_share(model.metadata)
+        network = inference_network(adapt_batchnorm(model.network, site.pixels, mean=model.mean, std=model.std,
+                                                    device="cpu", prior_images=prior))
         judged = score(network, site.pixels)
+        for _ in range(config.ADAPT_ROUNDS):
+            network = inference_network(adapt_batchnorm(model.network, site.pixels, mean=model.mean, std=model.std,
+                                                        device="cpu", prior_images=prior,
+                                                        weights=rebalancing_weights(judged, share)))
+            judged = score(network, site.pixels)
     calls = score(network, films.pixels) >= model.threshold
     return float(judged.mean()), float((calls == films.labels.numpy().astype(bool)).mean())
 

@@ -43,6 +43,9 @@ from xraylib.evaluate import choose_threshold, evaluate_loaded, predict_probabil
 from xraylib.model import TrainedModel, inference_dtype, inference_network, load_model, resolve_device
 
 KEYS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+# How many images the training statistics counted as when the --adapt variants first ran
+# (config.ADAPT_PRIOR_IMAGES is now 8); they keep it, so their README rows can be repeated.
+FIRST_PRIOR_IMAGES = 32
 QUICK = ["--weights", "none", "--image-size", "64", "--epochs", "3", "--batch-size", "32", "--lr", "1e-3"]
 BEFORE = ["--augment", "geometry", "--equalize", "none", "--threshold-policy", "youden"]  # the recipe issue 13 scored
 
@@ -233,18 +236,19 @@ def score_adapted(model: TrainedModel, pixels: Any, variant: str, first_half: np
         probabilities = np.empty(len(pixels))
         for scored in (first_half, ~first_half):
             rows, other = torch.from_numpy(np.flatnonzero(scored)), torch.from_numpy(np.flatnonzero(~scored))
-            network = adapt_to_cohort(model, pixels[other], device=device, amp_dtype=amp, prior_images=32)[0]
+            network = adapt_to_cohort(model, pixels[other], device=device, amp_dtype=amp,
+                                      prior_images=FIRST_PRIOR_IMAGES)[0]
             probabilities[scored] = predict_probabilities(network, pixels[rows], mean=model.mean, std=model.std,
                                                           device=device, amp_dtype=amp, temperature=model.temperature,
                                                           bias=model.calibration_bias)
         return probabilities
     if variant.startswith("rebalanced"):
         rounds = 2 if "twice" in variant else 1
-        prior = 8 if variant.endswith("prior-8") else 32
+        prior = 8 if variant.endswith("prior-8") else FIRST_PRIOR_IMAGES
         return adapt_to_cohort(model, pixels, device=device, amp_dtype=amp, rounds=rounds, prior_images=prior)[1]
     options = {"all": {}, "shallow": {"only": ("bn1", "layer1")}}[variant]
     adapted = inference_network(adapt_batchnorm(model.network, pixels, mean=model.mean, std=model.std, device=device,
-                                                amp_dtype=amp, prior_images=32, **options))
+                                                amp_dtype=amp, prior_images=FIRST_PRIOR_IMAGES, **options))
     return predict_probabilities(adapted, pixels, mean=model.mean, std=model.std, device=device, amp_dtype=amp,
                                  temperature=model.temperature, bias=model.calibration_bias)
 

@@ -153,7 +153,7 @@ def describe(record: dict[str, Any]) -> str:
 
 
 def _adapt_rounds(model: TrainedModel, pixels: Any, *, device: Any, amp_dtype: Any, rounds: int,
-                  prior_images: int = config.ADAPT_PRIOR_IMAGES) -> tuple[Any, Any, np.ndarray, Adaptation]:
+                  prior_images: int) -> tuple[Any, Any, np.ndarray, Adaptation]:
     """The adapted network as a model file holds it, the same fused for inference, its calibrated
     probabilities for `pixels` (computed by the last round), and what was done."""
     from xraylib.evaluate import predict_probabilities
@@ -227,7 +227,7 @@ def adapt_model_to_images(model: str | TrainedModel, images: str | Path | Sequen
     torch_device = resolve_device(device)
     adapted, _, _, adaptation = _adapt_rounds(trained, pixels, device=torch_device,
                                               amp_dtype=inference_dtype(trained, torch_device, precision),
-                                              rounds=config.ADAPT_ROUNDS)
+                                              rounds=config.ADAPT_ROUNDS, prior_images=config.ADAPT_PRIOR_IMAGES)
     record = adaptation_record(adaptation, trained.metadata.get("batchnorm_adaptation"), images_location=locations,
                                images_found=found, skipped_images=len(skipped),
                                adapted=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

@@ -724,7 +724,8 @@ def augment_batch(pixels: Any, generator: Any = None, level: str = "collimation"
         """For a share `p` of the images a value in [lo, hi), for the rest 0 (the change left out)."""
         return uniform(lo, hi) * chance(p)
 
-    if level == "geometry":
+    acquisition = level != "geometry"  # 'acquisition' and 'collimation', which adds cuts to it
+    if not acquisition:
         x = affine_batch(pixels, angle=uniform(-10, 10), scale=uniform(0.9, 1.1), shift_x=uniform(-0.06, 0.06),
                          shift_y=uniform(-0.06, 0.06))
     else:
@@ -735,7 +736,7 @@ def augment_batch(pixels: Any, generator: Any = None, level: str = "collimation"
         edge = affine_batch(pixels, **framing)
         black = affine_batch(pixels, **framing, fill="zeros")
         x = torch.where(chance(0.5).view(b, 1, 1, 1), black, edge)
-    if level in ("acquisition", "collimation"):
+    if acquisition:
         gamma = torch.exp(uniform(-0.25, 0.25)).view(b, 1, 1, 1)  # 0.78..1.28
         x = x.clamp(min=1e-6).pow(gamma)
         x = _blur_batch(x, sometimes(0.5, 0.2, 1.2))
@@ -743,7 +744,7 @@ def augment_batch(pixels: Any, generator: Any = None, level: str = "collimation"
     brightness = uniform(-0.08, 0.08).view(b, 1, 1, 1)
     mean = x.mean(dim=(2, 3), keepdim=True)
     x = (x - mean) * contrast + mean + brightness
-    if level in ("acquisition", "collimation"):
+    if acquisition:
         sigma = sometimes(0.5, 0.0, 0.03).view(b, 1, 1, 1)
         x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
         x = _dark_frame(x, sometimes(0.2, 0.0, 0.06))

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from xraylib.adaptation import describe
+
 HEADLINE = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc", "brier", "ece")
 
 
@@ -95,13 +97,11 @@ def model_card_markdown(metrics: Mapping[str, Any], metadata: Mapping[str, Any] 
     if adapted and "images_location" in adapted:
         lines += [f"The model's batch norms were adapted to {adapted['images']} images of "
                   f"{', '.join(f'`{where}`' for where in adapted['images_location'])} without their labels before this "
-                  f"evaluation (`xraylib adapt`, {adapted['adapted']}, {adapted['rounds']} rounds, rebalanced to the "
-                  f"training's {float(adapted['training_positive_share']):.0%} {positive}); each film is scored alone. "
+                  f"evaluation (`xraylib adapt`, {adapted['adapted']}: {describe(adapted)}); each film is scored alone. "
                   "Where those are the evaluation's own images, the numbers are those of `--adapt-batchnorm`.", ""]
     elif adapted:
         lines += [f"Scored with the batch norms adapted to these {adapted['images']} images, without their labels "
-                  f"(`--adapt-batchnorm`, {adapted['rounds']} rounds, rebalanced to the training's "
-                  f"{float(adapted['training_positive_share']):.0%} {positive}): each probability depends on the images "
+                  f"(`--adapt-batchnorm`: {describe(adapted)}): each probability depends on the images "
                   "scored with it, so a single film scored alone gets another one.", ""]
     rows = [(name, number(metrics.get(name)), interval(ci.get(name)), undefined.get(name, ""))
             for name in HEADLINE if name in metrics]
