@@ -450,6 +450,7 @@ def test_a_model_adapted_to_a_sites_unlabelled_films_scores_that_sites_other_fil
         return (tile * 0.7 + 38).astype(np.uint8)
 
     _write_blob_images(tmp_path / "site", [i % 2 for i in range(120)], faded, seed=11, class_folders=False)
+    (tmp_path / "site" / "worklist.txt").write_text("not an image")  # left out, and said so
     test_films = _write_blob_images(tmp_path / "site_test", [1] * 30 + [0] * 30, faded, seed=12, class_folders=True)
     original = tmp_path / "model.pt"
     save_model(str(original), blob_model.network, blob_model.metadata)
@@ -459,6 +460,7 @@ def test_a_model_adapted_to_a_sites_unlabelled_films_scores_that_sites_other_fil
                      "--device", "cpu"]) == 0
     said = capsys.readouterr().out
     assert f"batch norms adapted to 120 images of {tmp_path / 'site'}: 2 rounds" in said and "model.pt" in said
+    assert "ignored 1 non-image file(s)" in said
     assert hashlib.sha256(original.read_bytes()).hexdigest() == before
 
     for model, out in ((original, "plain"), (tmp_path / "adapted", "adapted")):

@@ -214,7 +214,9 @@ def adapt_model_to_images(model: str | TrainedModel, images: str | Path | Sequen
     locations = as_locations(images)
     if not locations:
         raise ConfigError("no images to adapt to: pass the files, folders or prefixes of the new site's images")
-    names, _ = dataset.find_images(locations)  # a folder without images is an error there, naming it
+    names, ignored = dataset.find_images(locations)  # a folder without images is an error there, naming it
+    if ignored:
+        log(f"ignored {len(ignored)} non-image file(s)")
     found = len(names)
     if found > max_images:
         drawn = np.random.default_rng(seed).choice(found, size=max_images, replace=False)
