@@ -124,6 +124,16 @@ RECIPES: dict[str, tuple[list[str], str]] = {
                                "specificity under shift at least 0.945 (0.932); clean ROC AUC within 0.003 of 0.9955, "
                                "mean shifted at least 0.994, worst at least 0.988; clean accuracy 0.955-0.975; the "
                                "never-trained shifts (jpeg, markers) within 0.003 ROC AUC"),
+    # Written 2026-11-30 (fourth session) before its run: the done-when command of issue 13 as it
+    # is now (collimation the default), sized by its budget, with another seed, so that one run
+    # checks the time and measures how far a second seed moves every number compared above.
+    "cpu-preset@seed1": (["--preset", "cpu", "--weights", "none", "--seed", "1"],
+                         "the race picks fp32 and the ladder 128 px x 7 again; training ends within 30 min and "
+                         "within 5% of its predicted time. Against cpu-preset+collimation (seed 0, same size): clean "
+                         "ROC AUC within 0.003 of 0.9941, clean accuracy 0.950-0.970; mean shifted ROC AUC within "
+                         "0.003 of 0.9932, worst at least 0.985; mean specificity under shift 0.935-0.955; crop-top "
+                         "specificity 0.78-0.92 and zoom-in 0.88-0.96 (so the trade among the framing shifts "
+                         "stays); worst shift's accuracy at least 0.92"),
     "cpu-preset-before": (["--preset", "cpu", "--image-size", "96", "--epochs", "5", *BEFORE],
                           "clean held-out accuracy 0.97, ROC AUC 0.996 (the README's figure); the shift pattern of "
                           "quick-baseline, milder: specificity under blur below 0.8"),
