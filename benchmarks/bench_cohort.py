@@ -3,6 +3,7 @@
     python benchmarks/bench_cohort.py --list                              # recipes and their predictions
     python benchmarks/bench_cohort.py --recipe NAME --unseen NORMAL2 [--unseen IM] [--work DIR] [--save F.json]
     python benchmarks/bench_cohort.py --model RUN --unseen NORMAL2        # score a run trained on that layout
+    python benchmarks/bench_cohort.py --describe                          # how the batches' films differ
 
 The training folder's NORMAL films come in two batches named apart, `IM-<patient>-<n>.jpeg` and
 `NORMAL2-IM-<patient>-<n>.jpeg` (the official test split names its normal films the same way,
@@ -68,6 +69,28 @@ def batch_of(filename: str) -> str:
     """The batch a normal film's file name places it in."""
     name = Path(filename).name
     return next(batch for batch, pattern in BATCHES.items() if pattern.match(name))
+
+
+def describe_batches(size: int = 224) -> None:
+    """Print, for each batch of normal films and each kind of pneumonia film, what a shortcut could
+    use: the share of dark pixels along the edge, the mean grey level and the sharpness (variance
+    of the Laplacian), each film decoded to `size` px as training decodes it, before equalizing."""
+    from xraylib import storage
+
+    index = dataset.list_images(str(real_train_folder()))
+    stats: dict[str, list[tuple[float, float, float]]] = {}
+    for record in index.records:
+        name = Path(record.name).name
+        group = batch_of(name) if record.label == 0 else name.split("_")[1]
+        gray = dataset.decode_image(storage.read_bytes(record.obj.location), size, name).astype(np.float32)
+        edge = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+        laplacian = gray[1:-1, :-2] + gray[1:-1, 2:] + gray[:-2, 1:-1] + gray[2:, 1:-1] - 4 * gray[1:-1, 1:-1]
+        stats.setdefault(group, []).append((float((edge < 20).mean()), float(gray.mean()), float(laplacian.var())))
+    print(f"| films ({size} px) | films | dark edge share | mean grey level | sharpness (Laplacian variance), median |")
+    print("|---|---|---|---|---|")
+    for group, rows in stats.items():
+        a = np.array(rows)
+        print(f"| {group} | {len(a)} | {a[:, 0].mean():.2f} | {a[:, 1].mean():.0f} | {np.median(a[:, 2]):.0f} |")
 
 
 def make_cohort_root(dest: Path, unseen: str) -> dict[str, int]:
@@ -142,7 +165,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="train recipes into DIR/<recipe>-without-<batch> and keep them")
     parser.add_argument("--save", type=Path, help="write every score and metric to this JSON file")
     parser.add_argument("--list", action="store_true", help="print the recipes and their predictions, run nothing")
+    parser.add_argument("--describe", action="store_true", help="print how the batches' films differ, train nothing")
     args = parser.parse_args()
+    if args.describe:
+        describe_batches()
+        return
     if args.list:
         for name, (flags, prediction) in RECIPES.items():
             print(f"{name}: {' '.join(flags)}\n  predicted: {prediction}")
