@@ -3,6 +3,7 @@
     python benchmarks/bench_cohort.py --list                              # recipes and their predictions
     python benchmarks/bench_cohort.py --recipe NAME --unseen NORMAL2 [--unseen IM] [--work DIR] [--save F.json]
     python benchmarks/bench_cohort.py --model RUN --unseen NORMAL2        # score a run trained on that layout
+                                                                          # (or on bench_shift's: see below)
     python benchmarks/bench_cohort.py --describe                          # how the batches' films differ
 
 The training folder's NORMAL films come in two batches named apart, `IM-<patient>-<n>.jpeg` and
@@ -18,7 +19,9 @@ other batch's normal films and the pneumonia films) and is scored, at its own th
 - every normal film of batch B ("unseen"), never trained on;
 - the held-out pneumonia films;
 and on the new cohort (batch B's normal films with the held-out pneumonia films) with the batch
-norms adapted to it as `evaluate --adapt-batchnorm` does (`adapt_to_cohort`).
+norms adapted to it as `evaluate --adapt-batchnorm` does (`adapt_to_cohort`). A model trained on
+`bench_shift.py`'s layout, both batches, scored with `--model` is a control: of its rows only those
+of held-out patients count (the seen batch's, and the unseen batch's "held-out patients only").
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from xraylib.adaptation import adapt_to_cohort
 from xraylib.evaluate import compute_metrics, predict_probabilities
 from xraylib.model import inference_dtype, inference_network, load_model, resolve_device
 
+HOLDOUT_FRACTION, HOLDOUT_SEED = 0.15, 1234  # make_holdout_root's, as bench_shift.py lays it out
 BATCHES = {"IM": re.compile(r"^IM-"), "NORMAL2": re.compile(r"^NORMAL2-IM-")}
 QUICK = ["--weights", "none", "--image-size", "64", "--epochs", "3", "--batch-size", "32", "--lr", "1e-3"]
 BEFORE = ["--augment", "geometry", "--equalize", "none", "--threshold-policy", "youden"]  # the recipe issue 13 scored
@@ -104,7 +108,7 @@ def describe_batches(size: int = 224) -> None:
 def make_cohort_root(dest: Path, unseen: str) -> dict[str, int]:
     """The shift benchmark's hold-out in `dest`, then every normal film of batch `unseen` moved
     from `train/` to `test/`; the number of films of each group."""
-    make_holdout_root(real_train_folder(), dest)
+    make_holdout_root(real_train_folder(), dest, HOLDOUT_FRACTION, HOLDOUT_SEED)
     for link in sorted((dest / "train" / "NORMAL").iterdir()):
         if batch_of(link.name) == unseen:
             link.rename(dest / "test" / "NORMAL" / link.name)
@@ -115,12 +119,12 @@ def make_cohort_root(dest: Path, unseen: str) -> dict[str, int]:
     return counts
 
 
-def batch_metrics(labels: np.ndarray, probabilities: np.ndarray, groups: np.ndarray, batch: str,
-                  threshold: float) -> dict[str, float]:
-    """Metrics of one cohort: the normal films of `batch` with every pneumonia film."""
-    rows = (labels == 1) | (groups == batch)
+def cohort_metrics(labels: np.ndarray, probabilities: np.ndarray, normal: np.ndarray,
+                   threshold: float) -> dict[str, float]:
+    """Metrics of one cohort: the normal films where `normal` holds, with every pneumonia film."""
+    rows = (labels == 1) | normal
     m = compute_metrics(labels[rows], probabilities[rows], threshold)
-    return {"normal_films": int((groups == batch).sum()), "normal_mean_p": float(probabilities[groups == batch].mean()),
+    return {"normal_films": int(normal.sum()), "normal_mean_p": float(probabilities[normal].mean()),
             **{k: m[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")}}
 
 
@@ -130,6 +134,10 @@ def report_model(name: str, model_dir: str, root: Path, unseen: str) -> dict:
     index = dataset.list_images(str(root), split="test")
     labels = np.array([r.label for r in index.records])
     groups = np.array([batch_of(r.name) if r.label == 0 else "PNEUMONIA" for r in index.records])
+    # The films bench_shift.py holds out: a model trained on its layout (both batches) is scored on
+    # these alone, so that its numbers and those of a model that never saw the batch compare.
+    _, holdout = dataset.split_by_patient(dataset.list_images(str(real_train_folder())), HOLDOUT_FRACTION, HOLDOUT_SEED)
+    held_out = np.isin([Path(r.name).name for r in index.records], [Path(r.name).name for r in holdout.records])
     seen = next(b for b in BATCHES if b != unseen)
     loaded = dataset.load_images(index, model.image_size, equalize_mode=model.equalize)
     device = resolve_device("auto")
@@ -138,21 +146,23 @@ def report_model(name: str, model_dir: str, root: Path, unseen: str) -> dict:
     trained = predict_probabilities(network, loaded.pixels, mean=model.mean, std=model.std, device=device,
                                     amp_dtype=amp, temperature=model.temperature, bias=model.calibration_bias)
     result = {"model": model_dir, "unseen_batch": unseen, "threshold": model.threshold,
-              "seen": batch_metrics(labels, trained, groups, seen, model.threshold),
-              "unseen": batch_metrics(labels, trained, groups, unseen, model.threshold)}
+              "seen": cohort_metrics(labels, trained, groups == seen, model.threshold),
+              "unseen": cohort_metrics(labels, trained, groups == unseen, model.threshold),
+              "unseen held out": cohort_metrics(labels, trained, (groups == unseen) & held_out, model.threshold)}
     # The new site: batch `unseen`'s normal films and the held-out pneumonia films, adapted to together.
     cohort = np.flatnonzero((groups == unseen) | (labels == 1))
     import torch
 
     _, adapted, adaptation = adapt_to_cohort(model, loaded.pixels[torch.from_numpy(cohort)], device=device,
                                              amp_dtype=amp)
-    result["unseen adapted"] = batch_metrics(labels[cohort], adapted, groups[cohort], unseen, model.threshold)
+    result["unseen adapted"] = cohort_metrics(labels[cohort], adapted, groups[cohort] == unseen, model.threshold)
     result["estimated_positive_share"] = adaptation.estimated_positive_share
     print(f"\n## {name}, {unseen} unseen: {model_dir} (threshold {model.threshold:.3f}, image size {model.image_size})")
     print("| films | normal films | accuracy | sensitivity | specificity | ROC AUC | normal films' mean P |")
     print("|---|---|---|---|---|---|---|")
     rows = [(f"{seen} (seen batch, held-out patients) + pneumonia", result["seen"]),
             (f"{unseen} (unseen batch) + pneumonia", result["unseen"]),
+            (f"{unseen}, held-out patients only (bench_shift's) + pneumonia", result["unseen held out"]),
             (f"{unseen} + pneumonia, batch norms adapted to them", result["unseen adapted"])]
     for label, m in rows:
         print(f"| {label} | {m['normal_films']} | {m['accuracy']:.3f} | {m['sensitivity']:.3f} | {m['specificity']:.3f} "
