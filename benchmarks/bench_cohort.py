@@ -109,10 +109,12 @@ def describe_batches(size: int = 224) -> None:
         print(f"| {group} | {len(a)} | {a[:, 0].mean():.2f} | {a[:, 1].mean():.0f} | {np.median(a[:, 2]):.0f} |")
 
 
-def make_cohort_root(dest: Path, unseen: str) -> dict[str, int]:
+def make_cohort_root(dest: Path, unseen: str) -> tuple[dict[str, int], set[str]]:
     """The shift benchmark's hold-out in `dest`, then every normal film of batch `unseen` moved
-    from `train/` to `test/`; the number of films of each group."""
+    from `train/` to `test/`; the number of films of each group, and the file names of the films
+    the shift benchmark holds out (those in `test/` before the move)."""
     make_holdout_root(real_train_folder(), dest, HOLDOUT_FRACTION, HOLDOUT_SEED)
+    held_out = {link.name for cls in ("NORMAL", "PNEUMONIA") for link in (dest / "test" / cls).iterdir()}
     for link in sorted((dest / "train" / "NORMAL").iterdir()):
         if batch_of(link.name) == unseen:
             link.rename(dest / "test" / "NORMAL" / link.name)
@@ -120,7 +122,7 @@ def make_cohort_root(dest: Path, unseen: str) -> dict[str, int]:
     for split in ("train", "test"):
         for cls in ("NORMAL", "PNEUMONIA"):
             counts[f"{split}/{cls}"] = sum(1 for _ in (dest / split / cls).iterdir())
-    return counts
+    return counts, held_out
 
 
 def cohort_metrics(labels: np.ndarray, probabilities: np.ndarray, normal: np.ndarray,
@@ -132,7 +134,7 @@ def cohort_metrics(labels: np.ndarray, probabilities: np.ndarray, normal: np.nda
             **{k: m[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")}}
 
 
-def report_model(name: str, model_dir: str, root: Path, unseen: str) -> dict:
+def report_model(name: str, model_dir: str, root: Path, unseen: str, held_out_names: set[str]) -> dict:
     import torch
 
     started = time.perf_counter()
@@ -142,8 +144,7 @@ def report_model(name: str, model_dir: str, root: Path, unseen: str) -> dict:
     groups = np.array([batch_of(r.name) if r.label == 0 else "PNEUMONIA" for r in index.records])
     # The films bench_shift.py holds out: a model trained on its layout (both batches) is scored on
     # these alone, so that its numbers and those of a model that never saw the batch compare.
-    _, holdout = dataset.split_by_patient(dataset.list_images(str(real_train_folder())), HOLDOUT_FRACTION, HOLDOUT_SEED)
-    held_out = np.isin([Path(r.name).name for r in index.records], [Path(r.name).name for r in holdout.records])
+    held_out = np.array([Path(r.name).name in held_out_names for r in index.records])
     seen = next(b for b in BATCHES if b != unseen)
     loaded = dataset.load_images(index, model.image_size, equalize_mode=model.equalize)
     device = resolve_device("auto")
@@ -210,7 +211,7 @@ def main() -> None:
     for unseen in args.unseen:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / "chest_xray"
-            counts = make_cohort_root(root, unseen)
+            counts, held_out_names = make_cohort_root(root, unseen)
             print(f"\n# {unseen} unseen: {counts}", flush=True)
             work = args.work or Path(tmp)
             runs = {Path(m).name: m for m in args.model}
@@ -224,7 +225,7 @@ def main() -> None:
                 print(f"train: {time.perf_counter() - started:.0f}s", flush=True)
                 runs[name] = out
             for name, out in runs.items():
-                results[f"{name}, {unseen} unseen"] = report_model(name, out, root, unseen)
+                results[f"{name}, {unseen} unseen"] = report_model(name, out, root, unseen, held_out_names)
     if args.save:
         args.save.write_text(json.dumps(results) + "\n")
 
