@@ -5,6 +5,8 @@ every shift of `xraylib.shifts.SHIFTS`, and the threshold policies compared on t
     python benchmarks/bench_shift.py --recipe NAME [--recipe NAME ...] [--work DIR] [--save FILE.json]
     python benchmarks/bench_shift.py --model RUN --layout DIR    # score a run trained on DIR/chest_xray
     python benchmarks/bench_shift.py --model RUN --adapt all --adapt rebalanced   # batch norms adapted per set
+    python benchmarks/bench_shift.py --model RUN --tta                           # each image over the TTA views
+    python benchmarks/bench_shift.py --model RUN_A --model RUN_B --average       # and their probabilities averaged
 
 The held-out patients are those of `bench_accuracy.py` (15% of the real training patients, the
 same seed), so a model trained by either script on the rest never saw them. Each recipe trains
@@ -38,7 +40,7 @@ from common import make_holdout_root, real_train_folder
 
 from xraylib import dataset, shifts
 from xraylib.adaptation import adapt_batchnorm, adapt_to_cohort
-from xraylib.config import THRESHOLD_POLICIES
+from xraylib.config import THRESHOLD_POLICIES, TTA_VIEWS
 from xraylib.evaluate import choose_threshold, evaluate_loaded, predict_probabilities
 from xraylib.model import TrainedModel, inference_dtype, inference_network, load_model, resolve_device
 
@@ -241,16 +243,18 @@ POLICY_PREDICTION = ("balanced: mean shifted specificity at least 0.05 above you
                      "classes equally); youden on shifted validation between youden and balanced")
 
 
-def score_under_shifts(model: TrainedModel, network: Any, locations: list[str], *, seed: int = 0) -> dict[str, np.ndarray]:
-    """P(pneumonia) for `locations`, clean and under each shift, as `evaluate` computes it;
-    `network` is the model's `inference_network`, on the device it scores on."""
+def score_under_shifts(model: TrainedModel, network: Any, locations: list[str], *, seed: int = 0,
+                       tta: bool = False) -> dict[str, np.ndarray]:
+    """P(pneumonia) for `locations`, clean and under each shift, as `evaluate` computes it (with
+    `tta`, as `evaluate --tta` does); `network` is the model's `inference_network`, on the device it
+    scores on."""
     device = next(network.parameters()).device
     amp = inference_dtype(model, device)
     out = {}
     for name in ("clean", *shifts.SHIFTS):
         pixels = shifts.load_shifted(locations, name, model.image_size, equalize_mode=model.equalize, seed=seed)
         out[name] = predict_probabilities(network, pixels, mean=model.mean, std=model.std, device=device, amp_dtype=amp,
-                                          temperature=model.temperature, bias=model.calibration_bias)
+                                          temperature=model.temperature, bias=model.calibration_bias, tta=tta)
     return out
 
 
@@ -351,7 +355,18 @@ def row(label: str, metrics: dict) -> str:
     return f"| {label} | " + " | ".join(f"{metrics[k]:.3f}" for k in KEYS) + " |"
 
 
-def report_model(name: str, model_dir: str, root: Path) -> dict:
+def print_shift_table(summary: dict, augment: str) -> None:
+    print("| held-out patients at the model's threshold | accuracy | sensitivity | specificity | ROC AUC |")
+    print("|---|---|---|---|---|")
+    for shift, metrics in summary["per_shift"].items():
+        print(row(shift, metrics))
+    print(row("**mean over shifts**", summary["mean"]))
+    print(row("**worst over shifts**", summary["worst"]))
+    print(row(f"mean over shifts {augment} augmentation never draws", summary["unseen_mean"]))
+    print(row(f"worst over shifts {augment} augmentation never draws", summary["unseen_worst"]))
+
+
+def report_model(name: str, model_dir: str, root: Path, *, tta: bool = False) -> dict:
     started = time.perf_counter()
     model = load_model(model_dir)
     cfg = model.metadata["train_config"]
@@ -361,25 +376,20 @@ def report_model(name: str, model_dir: str, root: Path) -> dict:
     val_labels = np.array([r.label for r in val_index.records])
     test_labels = np.array([r.label for r in test_index.records])
     network = inference_network(model.network.to(resolve_device("auto")))
-    val = score_under_shifts(model, network, [r.obj.location for r in val_index.records])
-    test = score_under_shifts(model, network, [r.obj.location for r in test_index.records])
+    val = score_under_shifts(model, network, [r.obj.location for r in val_index.records], tta=tta)
+    test = score_under_shifts(model, network, [r.obj.location for r in test_index.records], tta=tta)
     # The library's own evaluation of the clean held-out images must agree with this script's.
-    check = evaluate_loaded(model, dataset.load_images(test_index, model.image_size, equalize_mode=model.equalize))
+    check = evaluate_loaded(model, dataset.load_images(test_index, model.image_size, equalize_mode=model.equalize),
+                            tta=tta)
     assert np.allclose(check.probabilities, test["clean"], atol=2e-3), "bench and evaluate disagree on clean images"
 
     augment = cfg.get("augment", True)
     augment = {True: "geometry", False: "none"}.get(augment, augment)  # model files from before the levels: bools
     summary = shifts.shift_metrics(test_labels, test, model.threshold, augment=augment)
     print(f"\n## {name}: {model_dir}\nthreshold {model.threshold:.3f} ({model.metadata.get('threshold_policy', 'youden')}), "
-          f"image size {model.image_size}, equalize {model.equalize}, temperature {model.temperature:.3f}")
-    print("| held-out patients at the model's threshold | accuracy | sensitivity | specificity | ROC AUC |")
-    print("|---|---|---|---|---|")
-    for shift, metrics in summary["per_shift"].items():
-        print(row(shift, metrics))
-    print(row("**mean over shifts**", summary["mean"]))
-    print(row("**worst over shifts**", summary["worst"]))
-    print(row(f"mean over shifts {augment} augmentation never draws", summary["unseen_mean"]))
-    print(row(f"worst over shifts {augment} augmentation never draws", summary["unseen_worst"]))
+          f"image size {model.image_size}, equalize {model.equalize}, temperature {model.temperature:.3f}"
+          f"{f', {len(TTA_VIEWS)} views each' if tta else ''}")
+    print_shift_table(summary, augment)
 
     policies = {}
     for policy in THRESHOLD_POLICIES:
@@ -399,11 +409,36 @@ def report_model(name: str, model_dir: str, root: Path) -> dict:
               f"| {s['mean']['sensitivity']:.3f} | {s['mean']['specificity']:.3f} | {s['worst']['accuracy']:.3f} "
               f"| {s['worst']['specificity']:.3f} |")
     print(f"scored in {time.perf_counter() - started:.0f}s", flush=True)
-    return {"model": model_dir, "threshold": model.threshold,
+    return {"model": model_dir, "threshold": model.threshold, "augment": augment,
             "summary": {k: summary[k] for k in ("mean", "worst", "unseen_mean", "unseen_worst")},
             "per_shift": {k: {m: v[m] for m in KEYS} for k, v in summary["per_shift"].items()}, "policies": by_policy,
             "probabilities": {"val": {k: v.tolist() for k, v in val.items()}, "val_labels": val_labels.tolist(),
                               "test": {k: v.tolist() for k, v in test.items()}, "test_labels": test_labels.tolist()}}
+
+
+def report_average(results: dict[str, dict]) -> dict:
+    """The models of `results` (each `report_model`'s, on the same held-out images) as one: their
+    calibrated probabilities averaged, clean and under each shift, at their threshold. Only the
+    held-out images: each seed draws its own validation split, so there is no common one to choose
+    another threshold on."""
+    labels = np.array(next(iter(results.values()))["probabilities"]["test_labels"])
+    if any(r["probabilities"]["test_labels"] != labels.tolist() for r in results.values()):
+        raise SystemExit("--average: the models were scored on different held-out images")
+    thresholds = {r["threshold"] for r in results.values()}
+    if len(thresholds) > 1:
+        raise SystemExit(f"--average: the models' thresholds differ ({sorted(thresholds)}); averaging their "
+                         "probabilities needs one")
+    threshold = thresholds.pop()
+    augment = next(iter(results.values()))["augment"]
+    averaged = {shift: np.mean([r["probabilities"]["test"][shift] for r in results.values()], axis=0)
+                for shift in ("clean", *shifts.SHIFTS)}
+    summary = shifts.shift_metrics(labels, averaged, threshold, augment=augment)
+    print(f"\n## average of {', '.join(results)}\npredicted: {AVERAGE_PREDICTION}\nthreshold {threshold:.3f}")
+    print_shift_table(summary, augment)
+    return {"model": list(results), "threshold": threshold, "augment": augment,
+            "summary": {k: summary[k] for k in ("mean", "worst", "unseen_mean", "unseen_worst")},
+            "per_shift": {k: {m: v[m] for m in KEYS} for k, v in summary["per_shift"].items()},
+            "probabilities": {"test": {k: v.tolist() for k, v in averaged.items()}, "test_labels": labels.tolist()}}
 
 
 def main() -> None:
@@ -416,6 +451,10 @@ def main() -> None:
     parser.add_argument("--adapt", action="append", default=[], choices=sorted(ADAPT_VARIANT_PREDICTIONS),
                         help="score each model as trained and with its batch norms adapted to each set in this way "
                              "(repeat for several; only that)")
+    parser.add_argument("--tta", action="store_true", help="score each image as the mean over config.TTA_VIEWS, as "
+                        "evaluate --tta does (5x the scoring)")
+    parser.add_argument("--average", action="store_true", help="also score the models' probabilities averaged (two "
+                                                                   "seeds as one model)")
     parser.add_argument("--list", action="store_true", help="print the recipes and their predictions, run nothing")
     args = parser.parse_args()
     if args.list:
@@ -423,6 +462,7 @@ def main() -> None:
             print(f"{name}: {' '.join(flags)}\n  predicted: {prediction}")
         print(f"threshold policies, every recipe:\n  predicted: {POLICY_PREDICTION}")
         print(f"--adapt (batch norms re-estimated on each set), first run:\n  predicted: {ADAPT_PREDICTION}")
+        print(f"--average:\n  predicted: {AVERAGE_PREDICTION}\n--tta:\n  predicted: {TTA_PREDICTION}")
         for variant, prediction in ADAPT_VARIANT_PREDICTIONS.items():
             print(f"--adapt {variant}:\n  predicted: {prediction}")
         for name, prediction in ADAPT_OTHER_MODEL_PREDICTIONS.items():
@@ -450,7 +490,12 @@ def main() -> None:
             if args.save:
                 args.save.write_text(json.dumps(adapted) + "\n")
             return
-        results = {name: report_model(name, out, root) for name, out in runs.items()}
+        if args.tta:
+            print(f"\n--tta, predicted: {TTA_PREDICTION}")
+        results = {f"{name}{' +tta' if args.tta else ''}": report_model(name, out, root, tta=args.tta)
+                   for name, out in runs.items()}
+        if args.average:
+            results["average"] = report_average(results)
     print(f"\nthreshold policies, predicted: {POLICY_PREDICTION}")
     print("\n| recipe | clean acc | clean spec | clean AUC | mean acc | mean spec | mean AUC | worst acc | worst spec "
           "| worst AUC | unseen mean AUC | unseen worst AUC |")
