@@ -161,8 +161,8 @@ def add_train_flags(p: argparse.ArgumentParser, *, data_help: str, out_help: str
     p.add_argument("--freeze-backbone", action="store_true", help="train only the new head")
     p.add_argument("--label-smoothing", type=float, help=f"default {defaults.label_smoothing}")
     p.add_argument("--ema-decay", type=float,
-                   help=f"validate and keep an exponential moving average of the weights, e.g. 0.995; "
-                        f"default {defaults.ema_decay} (off)")
+                   help="validate and keep an exponential moving average of the weights, e.g. 0.995, its decay "
+                        f"ramped up from the first step as (1 + n) / (10 + n); default {defaults.ema_decay} (off)")
     p.add_argument("--augment", choices=config.AUGMENT_LEVELS,
                    help="geometry: rotations, shifts, zoom, contrast; acquisition: also gamma, blur, noise and a dark "
                         f"frame, as other scanners differ; collimation: also one side or more cut and squashed back "

@@ -1,11 +1,12 @@
 """Training, top to bottom: `train_one_epoch`, `validate`, `load_data`, `is_better_epoch`,
-`set_up_training`, then `train`, the run.
+`ema_update`, `set_up_training`, then `train`, the run.
 
 A run reads the `train/` split, holds out a validation split by patient, trains a ResNet50 with
 a class-weighted loss, AdamW and a one-cycle schedule, validates every epoch, keeps the epoch
 with the best validation ROC AUC (on a tie, the lower validation loss) and picks the decision
-threshold on validation. With `ema_decay`, an exponential moving average of the weights is what
-gets validated and kept. It writes into the output location:
+threshold on validation. With `ema_decay`, an exponential moving average of the weights (its
+decay ramped up from the first step: `ema_update`) is what gets validated and kept. It writes
+into the output location:
 
 - `model.pt`: the best model so far, with its metadata (see `model.py`);
 - `checkpoint.pt`: the state after the last finished epoch, or at the step where SIGTERM (a
@@ -292,6 +293,27 @@ def is_better_epoch(row: dict[str, Any], best: dict[str, Any]) -> bool:
     return (row["val_roc_auc"], -row["val_loss"]) > (best["roc_auc"], -best.get("val_loss", math.inf))
 
 
+def ema_update(decay: float) -> Callable[[list[Any], list[Any], Any], None]:
+    """`AveragedModel`'s update for an exponential moving average of the weights whose decay ramps
+    up as (1 + n) / (10 + n) towards `decay`, n the updates so far (TensorFlow's
+    `ExponentialMovingAverage` with `num_updates`). A constant decay starts the average from the
+    first step's weights, nearly the random initialization, and keeps decay**n of them: at 0.998,
+    a fifth after the 820 steps of a 7-epoch cpu preset run, which then validated at ROC AUC 0.9
+    against the raw weights' 0.99. Ramped, they fade within a few dozen steps, whatever the decay."""
+    import torch
+
+    @torch.no_grad()
+    def update(averaged: list[Any], current: list[Any], num_averaged: Any) -> None:
+        if not averaged[0].is_floating_point():  # batch norm's step counters: the latest
+            torch._foreach_copy_(averaged, current)
+            return
+        # A tensor on the average's device, not a Python float: no wait on the GPU at every step.
+        ramped = (1.0 + num_averaged) / (10.0 + num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - torch.clamp(ramped, max=decay).to(averaged[0].dtype))
+
+    return update
+
+
 def set_up_training(network: Any, *, device: Any, precision: str, lr: float, weight_decay: float) -> tuple[Any, Any, Any]:
     """Move `network` to `device` in channels-last memory; return the optimizer, the autocast
     dtype (None for fp32) and the loss scaler (None unless fp16) that `train` steps with."""
@@ -404,9 +426,9 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, *, log
     generator = torch.Generator().manual_seed(cfg.seed)
     ema = None
     if cfg.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
 
-        ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        ema = AveragedModel(network, multi_avg_fn=ema_update(cfg.ema_decay), use_buffers=True)
     best = {"epoch": 0, "roc_auc": -1.0, "val_loss": math.inf, "metrics": {}}
     first_epoch, first_step, carried, interrupted_epoch_state = 1, 0, (0.0, 0), None
     if checkpoint is not None:
