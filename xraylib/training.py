@@ -307,9 +307,8 @@ def ema_update(decay: float) -> Callable[[list[Any], list[Any], Any], None]:
         if not averaged[0].is_floating_point():  # batch norm's step counters: the latest
             torch._foreach_copy_(averaged, current)
             return
-        # A tensor on the average's device, not a Python float: no wait on the GPU at every step.
-        ramped = (1.0 + num_averaged) / (10.0 + num_averaged)
-        torch._foreach_lerp_(averaged, current, 1.0 - torch.clamp(ramped, max=decay).to(averaged[0].dtype))
+        n = int(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
 
     return update
 
