@@ -47,7 +47,6 @@ from xraylib.adaptation import adapt_to_cohort
 from xraylib.evaluate import compute_metrics, predict_probabilities
 from xraylib.model import inference_dtype, inference_network, load_model, resolve_device
 
-HOLDOUT_FRACTION, HOLDOUT_SEED = 0.15, 1234  # make_holdout_root's, as bench_shift.py lays it out
 BATCHES = {"IM": re.compile(r"^IM-"), "NORMAL2": re.compile(r"^NORMAL2-IM-")}
 
 # name: (flags for `xraylib train`, the prediction made before running it)
@@ -113,7 +112,7 @@ def make_cohort_root(dest: Path, unseen: str) -> tuple[dict[str, int], set[str]]
     """The shift benchmark's hold-out in `dest`, then every normal film of batch `unseen` moved
     from `train/` to `test/`; the number of films of each group, and the file names of the films
     the shift benchmark holds out (those in `test/` before the move)."""
-    make_holdout_root(real_train_folder(), dest, HOLDOUT_FRACTION, HOLDOUT_SEED)
+    make_holdout_root(real_train_folder(), dest)  # as bench_shift.py lays it out
     held_out = {link.name for cls in ("NORMAL", "PNEUMONIA") for link in (dest / "test" / cls).iterdir()}
     for link in sorted((dest / "train" / "NORMAL").iterdir()):
         if batch_of(link.name) == unseen:

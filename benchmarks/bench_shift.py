@@ -143,16 +143,16 @@ RECIPES: dict[str, tuple[list[str], str]] = {
     # weights follow the same path and only the kept weights differ. It ran at bbeec46, when the
     # decay was constant from the first step: the average kept a fifth of the first step's weights
     # (README); run today it trains with the decay ramped up (training.ema_update).
-    "cpu-preset+ema@bbeec46": (["--preset", "cpu", "--weights", "none", "--image-size", "128", "--epochs", "7", "--precision",
-                        "fp32", "--ema-decay", "0.998"],
-                       "within the seeds' spread of cpu-preset+collimation and cpu-preset@seed1 on every column: "
-                       "clean ROC AUC 0.992-0.997, mean shifted ROC AUC 0.992-0.997, worst at least 0.985; mean "
-                       "specificity under shift 0.935-0.965; crop-top specificity 0.78-0.92; clean accuracy "
-                       "0.950-0.970. No gain beyond the seed noise: the one-cycle schedule already ends in a flat, "
-                       "annealed minimum, and the batch-norm statistics are averaged with the weights rather than "
-                       "re-estimated, which can cost a little"),
-    # Written 2026-11-30 (fifth session), after cpu-preset+ema@bbeec46 validated at ROC AUC 0.66-0.93
-    # where its raw weights had 0.94-0.99, and before this run: the decay now ramps up as
+    "cpu-preset+ema@bbeec46": (["--preset", "cpu", "--weights", "none", "--image-size", "128", "--epochs", "7",
+                                "--precision", "fp32", "--ema-decay", "0.998"],
+                               "within the seeds' spread of cpu-preset+collimation and cpu-preset@seed1 on every "
+                               "column: clean ROC AUC 0.992-0.997, mean shifted ROC AUC 0.992-0.997, worst at least "
+                               "0.985; mean specificity under shift 0.935-0.965; crop-top specificity 0.78-0.92; clean "
+                               "accuracy 0.950-0.970. No gain beyond the seed noise: the one-cycle schedule already "
+                               "ends in a flat, annealed minimum, and the batch-norm statistics are averaged with the "
+                               "weights rather than re-estimated, which can cost a little"),
+    # Written 2026-11-30 (fifth session), after cpu-preset+ema@bbeec46 validated at ROC AUC 0.66-0.95
+    # where its raw weights had 0.94-0.995, and before this run: the decay now ramps up as
     # (1 + n) / (10 + n), so at the run's end (n about 820) it is 0.989, not 0.998, and the average
     # spans about the last 90 steps, where the one-cycle's rate is a few percent of its peak.
     "cpu-preset+ema": (["--preset", "cpu", "--weights", "none", "--image-size", "128", "--epochs", "7", "--precision",
@@ -370,6 +370,13 @@ def row(label: str, metrics: dict) -> str:
     return f"| {label} | " + " | ".join(f"{metrics[k]:.3f}" for k in KEYS) + " |"
 
 
+def shift_record(summary: dict) -> dict:
+    """What --save keeps of `shifts.shift_metrics`'s summary: the four metrics per set, and the
+    mean and worst over the suite."""
+    return {"summary": {k: summary[k] for k in ("mean", "worst", "unseen_mean", "unseen_worst")},
+            "per_shift": {k: {m: v[m] for m in KEYS} for k, v in summary["per_shift"].items()}}
+
+
 def print_shift_table(summary: dict, augment: str) -> None:
     print("| held-out patients at the model's threshold | accuracy | sensitivity | specificity | ROC AUC |")
     print("|---|---|---|---|---|")
@@ -424,9 +431,8 @@ def report_model(name: str, model_dir: str, root: Path, *, tta: bool = False) ->
               f"| {s['mean']['sensitivity']:.3f} | {s['mean']['specificity']:.3f} | {s['worst']['accuracy']:.3f} "
               f"| {s['worst']['specificity']:.3f} |")
     print(f"scored in {time.perf_counter() - started:.0f}s", flush=True)
-    return {"model": model_dir, "threshold": model.threshold, "augment": augment,
-            "summary": {k: summary[k] for k in ("mean", "worst", "unseen_mean", "unseen_worst")},
-            "per_shift": {k: {m: v[m] for m in KEYS} for k, v in summary["per_shift"].items()}, "policies": by_policy,
+    return {"model": model_dir, "threshold": model.threshold, "augment": augment, **shift_record(summary),
+            "policies": by_policy,
             "probabilities": {"val": {k: v.tolist() for k, v in val.items()}, "val_labels": val_labels.tolist(),
                               "test": {k: v.tolist() for k, v in test.items()}, "test_labels": test_labels.tolist()}}
 
@@ -450,9 +456,7 @@ def report_average(results: dict[str, dict]) -> dict:
     summary = shifts.shift_metrics(labels, averaged, threshold, augment=augment)
     print(f"\n## average of {', '.join(results)}\npredicted: {AVERAGE_PREDICTION}\nthreshold {threshold:.3f}")
     print_shift_table(summary, augment)
-    return {"model": list(results), "threshold": threshold, "augment": augment,
-            "summary": {k: summary[k] for k in ("mean", "worst", "unseen_mean", "unseen_worst")},
-            "per_shift": {k: {m: v[m] for m in KEYS} for k, v in summary["per_shift"].items()},
+    return {"model": list(results), "threshold": threshold, "augment": augment, **shift_record(summary),
             "probabilities": {"test": {k: v.tolist() for k, v in averaged.items()}, "test_labels": labels.tolist()}}
 
 
