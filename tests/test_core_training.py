@@ -191,6 +191,24 @@ def test_with_ema_the_kept_model_is_the_moving_average(tmp_path, tiny_dataset):
     assert int(checkpoint["ema"]["n_averaged"]) > 1
 
 
+@pytest.mark.timeout(300)
+def test_with_keep_epochs_every_epoch_is_a_model_file_of_its_own(tmp_path, tiny_dataset):
+    out = tmp_path / "run"
+    cfg = config.make_train_config(data=str(tiny_dataset), out=str(out), epochs=3, image_size=32, batch_size=16,
+                                   weights="none", keep_epochs=True)
+    result = train(cfg, log=lambda _: None, progress=False)
+    files = [out / config.EPOCH_MODEL_FILENAME.format(epoch=epoch) for epoch in (1, 2, 3)]
+    assert sorted((out / "epochs").iterdir()) == files
+    models = [load_model(str(file)) for file in files]
+    # Each holds its epoch's weights, and the threshold validation chose for it.
+    assert [m.metadata["best_epoch"] for m in models] == [1, 2, 3]
+    assert [m.threshold for m in models] == pytest.approx([row["val_threshold"] for row in result.history])
+    assert not torch.equal(models[0].network.conv1.weight, models[2].network.conv1.weight)
+    # model.pt is still the best epoch's, byte for byte the same weights as that epoch's file.
+    best, kept = models[result.best_epoch - 1].network.state_dict(), load_model(str(out)).network.state_dict()
+    assert all(torch.equal(best[k], kept[k]) for k in kept)
+
+
 def _averaged_after(decay: float, weights: list[float]) -> float:
     """The moving average `train` keeps, of a one-weight network set to each of `weights` in turn."""
     from torch.optim.swa_utils import AveragedModel

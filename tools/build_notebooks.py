@@ -71,6 +71,7 @@ equalize = None  # "none" or "histogram": contrast normalization, kept in the mo
 threshold_policy = None  # "balanced" (0.5), "equal-error", "youden" or "sensitivity-0.95": how the threshold is set
 label_smoothing = None
 ema_decay = None  # e.g. 0.995 to keep a moving average of the weights; 0 is off
+keep_epochs = None  # True also writes every epoch's model to out/epochs/, to choose one later
 val_fraction = None  # share of patients held out for validation
 seed = None
 device = None  # "auto", "cpu" or "cuda"

@@ -34,7 +34,8 @@ def train_values(args: argparse.Namespace) -> dict[str, Any]:
         equalize=args.equalize, threshold_policy=args.threshold_policy, time_budget=args.time_budget,
         label_smoothing=args.label_smoothing, ema_decay=args.ema_decay, val_fraction=args.val_fraction,
         seed=args.seed, device=args.device, precision=args.precision, skip_bad=args.skip_bad or None,
-        resume=args.resume or None, **{name: getattr(args, name) for name in config.LABEL_OPTIONS},
+        resume=args.resume or None, keep_epochs=args.keep_epochs or None,
+        **{name: getattr(args, name) for name in config.LABEL_OPTIONS},
     )
 
 
@@ -163,6 +164,10 @@ def add_train_flags(p: argparse.ArgumentParser, *, data_help: str, out_help: str
     p.add_argument("--ema-decay", type=float,
                    help="validate and keep an exponential moving average of the weights, e.g. 0.995, its decay "
                         f"ramped up from the first step as (1 + n) / (10 + n); default {defaults.ema_decay} (off)")
+    p.add_argument("--keep-epochs", action="store_true",
+                   help=f"also write every epoch's model, with its own threshold and calibration, to "
+                        f"{config.EPOCH_MODEL_FILENAME.format(epoch=1).replace('001', 'NNN')} below --out, to choose an "
+                        "epoch later (model.pt stays the one of the best validation ROC AUC)")
     p.add_argument("--augment", choices=config.AUGMENT_LEVELS,
                    help="geometry: rotations, shifts, zoom, contrast; acquisition: also gamma, blur, noise and a dark "
                         f"frame, as other scanners differ; collimation: also one side or more cut and squashed back "

@@ -25,6 +25,8 @@ MODEL_FILENAME = "model.pt"
 CHECKPOINT_FILENAME = "checkpoint.pt"
 HISTORY_FILENAME = "history.json"
 CURVES_FILENAME = "training_curves.png"
+# With keep_epochs, every epoch's model too, below the run's out (epoch 1 is epochs/model_epoch001.pt).
+EPOCH_MODEL_FILENAME = "epochs/model_epoch{epoch:03d}.pt"
 
 # A header claiming more pixels than this is refused before decoding: the largest real
 # radiograph in the dataset is about 3,000 x 3,000 (9 million pixels).
@@ -196,6 +198,7 @@ class TrainConfig:
     threshold_policy: str = "balanced"
     label_smoothing: float = 0.0
     ema_decay: float = 0.0
+    keep_epochs: bool = False  # also write every epoch's model (EPOCH_MODEL_FILENAME), to choose one later
     time_budget: str | None = None
     resume: bool = False
     skip_bad: bool = False

@@ -13,7 +13,10 @@ into the output location:
   spot interruption) stopped the run, for `resume` (which refuses settings that would change
   what is learned: `check_resume_config`);
 - `history.json` (written first, so that an output location that cannot be written to fails
-  at once) and `training_curves.png`.
+  at once) and `training_curves.png`;
+- with `keep_epochs`, every epoch's model as well (`config.EPOCH_MODEL_FILENAME`), each with
+  its own threshold and calibration from validation, so that an epoch can be chosen afterwards
+  on other images (its metadata's `best_epoch` is that epoch).
 
 Every file is written whole or not at all, so a run killed at any moment resumes cleanly.
 Started by torchrun, every process runs `train` and they train one model together
@@ -258,7 +261,7 @@ def _load_checkpoint(location: str) -> dict[str, Any] | None:
 
 # What a resumed run may change: where its output lives, how it runs, how bad images are handled
 # (a run that met none is the same either way) and the preset (only the values it set count).
-_MAY_CHANGE_ON_RESUME = frozenset({"out", "resume", "skip_bad", "device", "precision", "preset"})
+_MAY_CHANGE_ON_RESUME = frozenset({"out", "resume", "skip_bad", "device", "precision", "preset", "keep_epochs"})
 
 
 def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, out: str) -> None:
@@ -521,7 +524,7 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, *, log
                 f"{seconds:.0f}s{'  (best so far)' if improved else ''}")
             if improved:
                 best = {"epoch": epoch, "roc_auc": row["val_roc_auc"], "val_loss": row["val_loss"], "metrics": val["chosen"]}
-            if improved and topology.is_main:
+            if (improved or cfg.keep_epochs) and topology.is_main:
                 metadata = model_metadata(class_names=data.index.class_names, image_size=cfg.image_size,
                                           equalize=cfg.equalize, threshold=val["chosen"]["threshold"],
                                           threshold_policy=cfg.threshold_policy, temperature=val["temperature"],
@@ -532,7 +535,11 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, *, log
                                           **({"sizing": sizing.to_dict()} if sizing is not None else {}),
                                           data_counts={"train": len(data.train), "val": len(data.val),
                                                        "train_positive": int(data.train.labels.sum())})
-                storage.write_bytes(model_loc, model_to_bytes(kept, metadata))
+                model_bytes = model_to_bytes(kept, metadata)
+                if cfg.keep_epochs:
+                    storage.write_bytes(storage.join(out, config.EPOCH_MODEL_FILENAME.format(epoch=epoch)), model_bytes)
+                if improved:
+                    storage.write_bytes(model_loc, model_bytes)
             save_checkpoint(epoch)
             if topology.is_main:
                 _write_history(out, history)
