@@ -272,6 +272,52 @@ def test_a_time_budget_times_this_machine_prints_and_records_its_choice_and_resu
     assert load_model(str(out)).image_size == 40
 
 
+@pytest.mark.timeout(300)
+def test_without_a_budget_auto_precision_races_too_and_a_resume_keeps_the_winner(tmp_path, tiny_dataset, monkeypatch):
+    # A CPU that claims native bf16 (claimed here whatever the machine running the suite is), where
+    # the clock decides; the speeds are stand-ins for measured ones, the training is real.
+    import torch
+
+    from xraylib import budget
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    rates = {torch.bfloat16: 77.0, None: 100.0}  # the Xeon without AMX: fp32 faster
+    timed: list[int] = []
+
+    def fake_speed(network, optimizer, *, image_size, batch_size, device, amp_dtype, steps=3):
+        timed.append(image_size)
+        return rates[amp_dtype]
+
+    monkeypatch.setattr(budget, "measure_training_speed", fake_speed)
+    cfg = config.make_train_config(data=str(tiny_dataset), out=str(tmp_path / "run"), epochs=1, image_size=32,
+                                   batch_size=16, weights="none")
+    lines: list[str] = []
+    train(cfg, log=lines.append, progress=False)
+    assert "precision auto: bf16 77.0 img/s and fp32 100.0 img/s at 32 px, so training in fp32" in lines[0]
+    assert timed == [32, 32]
+    model = load_model(cfg.out)
+    assert model.validation_precision == "fp32" and model.metadata["train_config"]["precision"] == "fp32"
+
+    rates.update({torch.bfloat16: 180.0})  # issue 13's CPU: bf16 faster
+    lines.clear()
+    train(dataclasses.replace(cfg, out=str(tmp_path / "faster")), log=lines.append, progress=False)
+    assert "so training in bf16" in lines[0] and any("on cpu with bfloat16" in line for line in lines)
+    assert load_model(str(tmp_path / "faster")).validation_precision == "bf16"
+
+    # A resumed run keeps the precision its start chose, without timing again.
+    lines.clear()
+    timed.clear()
+    train(dataclasses.replace(cfg, resume=True), log=lines.append, progress=False)
+    assert timed == [] and not any(line.startswith("precision auto") for line in lines)
+    assert any(line.startswith("resuming") for line in lines)
+    assert next(line for line in lines if line.startswith("training ResNet50")).split(",")[0].endswith("on cpu")
+
+    # Explicit precisions are not raced.
+    lines.clear()
+    train(dataclasses.replace(cfg, out=str(tmp_path / "explicit"), precision="fp32"), log=lines.append, progress=False)
+    assert timed == [] and not any(line.startswith("precision auto") for line in lines)
+
+
 def test_with_auto_precision_a_budget_races_bf16_against_fp32_and_trains_in_the_faster(monkeypatch):
     # On a Xeon with AVX-512 BF16 but no AMX fp32 trained 1.3x faster; on issue 13's CPU bf16 1.8x
     # faster: the flags cannot tell, the clock can. The speeds are stand-ins for measured ones.

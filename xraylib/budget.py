@@ -1,4 +1,5 @@
-"""Sizing a training run to a time budget: the image size and number of epochs that fill it.
+"""Sizing a training run to a time budget (the image size and number of epochs that fill it),
+and racing bf16 against fp32 on a CPU whose flags cannot say which is faster.
 
 The same recipe takes 5 minutes on a CPU that runs bf16 natively and 30 on one that emulates it;
 a fixed preset leaves the fast machine idle. `size_for_budget` times a few real training steps
@@ -50,6 +51,20 @@ class Sizing:
                    if self.precision_speeds else {})}
 
 
+@dataclass(frozen=True)
+class PrecisionRace:
+    """What `race_precisions` measured and chose."""
+
+    chosen: str
+    images_per_second: dict[str, float]  # of each candidate, at `image_size`
+    image_size: int
+
+    def describe(self) -> str:
+        tried = " and ".join(f"{name} {v:.1f} img/s" for name, v in self.images_per_second.items())
+        return (f"precision auto: {tried} at {self.image_size} px, so training in {self.chosen}; "
+                f"--precision {self.chosen} repeats it without timing")
+
+
 def measure_training_speed(network: Any, optimizer: Any, *, image_size: int, batch_size: int, device: Any,
                            amp_dtype: Any, steps: int = 3) -> float:
     """Training images per second at `image_size`: `steps` timed steps on random pixels after one
@@ -84,6 +99,22 @@ def measure_training_speed(network: Any, optimizer: Any, *, image_size: int, bat
     return steps * batch_size / (time.perf_counter() - started)
 
 
+def race_precisions(precisions: dict[str, Any], *, image_size: int, batch_size: int, device: Any,
+                    set_up: Any) -> PrecisionRace:
+    """Each candidate of `precisions` (a name, 'fp32' or 'bf16', to its autocast dtype) timed for
+    a few training steps at `image_size` on a fresh (network, optimizer) from `set_up()`; the
+    faster wins. A CPU's flags cannot tell: on a Xeon with AVX-512 BF16 but no AMX fp32 ran 1.3x
+    faster, on the CPU issue 13 was filed from bf16 ran 1.8x faster."""
+
+    def speed(amp_dtype: Any) -> float:
+        network, optimizer = set_up()
+        return measure_training_speed(network, optimizer, image_size=image_size, batch_size=batch_size, device=device,
+                                      amp_dtype=amp_dtype)
+
+    speeds = {name: speed(dtype) for name, dtype in precisions.items()}
+    return PrecisionRace(max(speeds, key=lambda name: speeds[name]), speeds, image_size)
+
+
 def predicted_seconds(image_size: int, epochs: int, *, seconds_per_image: Any, n_train: int, n_val: int) -> float:
     """A run's time: every epoch trains on `n_train` images and validates `n_val` (inference costs
     about a third of a training step), plus `config.BUDGET_FIXED_S` for decoding and writing."""
@@ -111,19 +142,14 @@ def size_for_budget(budget_s: float, *, n_train: int, n_val: int, batch_size: in
 
     `set_up()` returns a fresh (network, optimizer) on `device`, as the run trains them.
     `precisions` maps a name ('fp32', 'bf16') to its autocast dtype. With two candidates (a CPU
-    that claims native bf16), both are timed at the first probe size and the faster one trains:
-    which wins depends on the CPU, not on its flags (on a Xeon with AVX-512 BF16 but no AMX,
-    fp32 ran 1.3x faster; on the CPU issue 13 was filed from, bf16 ran 1.8x faster)."""
-
-    def speed(size: int, amp_dtype: Any) -> float:
-        network, optimizer = set_up()
-        return measure_training_speed(network, optimizer, image_size=size, batch_size=batch_size, device=device,
-                                      amp_dtype=amp_dtype)
-
+    that claims native bf16), both are timed at the first probe size and the faster one trains
+    (`race_precisions`)."""
     first, second = config.BUDGET_PROBE_SIZES
-    raced = {name: speed(first, dtype) for name, dtype in precisions.items()}
-    chosen = max(raced, key=lambda name: raced[name])
-    speeds = {first: raced[chosen], second: speed(second, precisions[chosen])}
+    race = race_precisions(precisions, image_size=first, batch_size=batch_size, device=device, set_up=set_up)
+    chosen, raced = race.chosen, race.images_per_second
+    second_speed = race_precisions({chosen: precisions[chosen]}, image_size=second, batch_size=batch_size, device=device,
+                                   set_up=set_up).images_per_second[chosen]
+    speeds = {first: raced[chosen], second: second_speed}
     (s0, v0), (s1, v1) = sorted(speeds.items())
     slope = max((1 / v1 - 1 / v0) / (s1 * s1 - s0 * s0), 0.0)
     intercept = max(1 / v0 - slope * s0 * s0, 0.0)

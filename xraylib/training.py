@@ -332,24 +332,49 @@ def set_up_training(network: Any, *, device: Any, precision: str, lr: float, wei
     return optimizer, amp_dtype, scaler
 
 
-def size_training_run(cfg: TrainConfig, *, n_images: int, device: Any, elapsed_s: float) -> budget.Sizing:
-    """The image size and epochs that fill `cfg.time_budget` on this machine, timed with the
-    network and optimizer this run will train with. With `--precision auto` on a CPU that claims
-    native bf16, bf16 and fp32 are both timed and the faster trains (`Sizing.precision`)."""
-    amp_dtype = autocast_dtype(device, cfg.precision)
+def precision_candidates(device: Any, precision: str) -> dict[str, Any]:
+    """The precisions a run may train in, by name, each with its autocast dtype: with 'auto' on a
+    CPU that claims native bf16, bf16 and fp32 (only timing tells which is faster there); else
+    the one `autocast_dtype` gives."""
+    amp_dtype = autocast_dtype(device, precision)
     candidates = {precision_name(amp_dtype): amp_dtype}
-    if cfg.precision == "auto" and device.type == "cpu" and amp_dtype is not None:
+    if precision == "auto" and device.type == "cpu" and amp_dtype is not None:
         candidates["fp32"] = None
+    return candidates
+
+
+def _probe_set_up(cfg: TrainConfig, device: Any) -> Callable[[], tuple[Any, Any]]:
+    """A fresh (network, optimizer) as the run trains them, for timing steps."""
 
     def set_up() -> tuple[Any, Any]:
         network = build_resnet50("none")
         return network, set_up_training(network, device=device, precision=cfg.precision, lr=cfg.lr,
                                         weight_decay=cfg.weight_decay)[0]
 
+    return set_up
+
+
+def size_training_run(cfg: TrainConfig, *, n_images: int, device: Any, elapsed_s: float) -> budget.Sizing:
+    """The image size and epochs that fill `cfg.time_budget` on this machine, timed with the
+    network and optimizer this run will train with. With `--precision auto` on a CPU that claims
+    native bf16, bf16 and fp32 are both timed and the faster trains (`Sizing.precision`)."""
     n_val = round(n_images * cfg.val_fraction)
     return budget.size_for_budget(config.parse_duration(cfg.time_budget), n_train=n_images - n_val, n_val=n_val,
-                                  batch_size=cfg.batch_size, device=device, precisions=candidates, set_up=set_up,
-                                  elapsed_s=elapsed_s)
+                                  batch_size=cfg.batch_size, device=device,
+                                  precisions=precision_candidates(device, cfg.precision),
+                                  set_up=_probe_set_up(cfg, device), elapsed_s=elapsed_s)
+
+
+def race_precision(cfg: TrainConfig, *, device: Any) -> budget.PrecisionRace | None:
+    """Without a time budget, `--precision auto` on a CPU that claims native bf16: bf16 and fp32
+    each timed for a few steps at the run's image size (at most the budget's first probe size:
+    which is faster does not change with it) and the faster chosen. None where there is one
+    candidate."""
+    candidates = precision_candidates(device, cfg.precision)
+    if len(candidates) < 2:
+        return None
+    return budget.race_precisions(candidates, image_size=min(cfg.image_size, config.BUDGET_PROBE_SIZES[0]),
+                                  batch_size=cfg.batch_size, device=device, set_up=_probe_set_up(cfg, device))
 
 
 def train(cfg: TrainConfig, *, log: Log = print, progress: bool = True) -> TrainResult:
@@ -380,11 +405,11 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, *, log
         log(f"no checkpoint in {out}: starting from the first epoch")
     if checkpoint is not None:
         saved = json.loads(checkpoint["config_json"])
-        if cfg.time_budget is not None:  # keep what was measured when the run began
-            measured = {"image_size": saved["image_size"], "epochs": saved["epochs"]}
-            if cfg.precision == "auto":
-                measured["precision"] = saved["precision"]
-            cfg = dataclasses.replace(cfg, **measured)
+        # Keep what was measured when the run began: the budget's size, and the precision a race chose.
+        measured = {"image_size": saved["image_size"], "epochs": saved["epochs"]} if cfg.time_budget is not None else {}
+        if cfg.precision == "auto":
+            measured["precision"] = saved["precision"]
+        cfg = dataclasses.replace(cfg, **measured)
         check_resume_config(saved, cfg, out)
         trained_on = int(checkpoint.get("world_size", 1))
         if trained_on != topology.world_size:
@@ -409,6 +434,11 @@ def _train(cfg: TrainConfig, topology: distributed.Topology, device: Any, *, log
         cfg = dataclasses.replace(cfg, image_size=sizing.image_size, epochs=sizing.epochs,
                                   precision=sizing.precision or cfg.precision)
         log(sizing.describe())
+    elif checkpoint is None and cfg.precision == "auto":
+        race = distributed.broadcast_object(race_precision(cfg, device=device) if topology.is_main else None, topology)
+        if race is not None:
+            cfg = dataclasses.replace(cfg, precision=race.chosen)
+            log(race.describe())
 
     torch.manual_seed(cfg.seed)
     # One process per node downloads and decodes (and fetches pretrained weights); the others then read its caches.
