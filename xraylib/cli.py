@@ -181,8 +181,9 @@ def add_train_flags(p: argparse.ArgumentParser, *, data_help: str, out_help: str
     p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=config.PRECISIONS,
-                   help="auto: bf16 where the hardware runs it natively (AVX-512 BF16 or AMX CPUs, GPUs from "
-                        "Ampere on), fp16 with loss scaling on older GPUs (T4, V100), else fp32")
+                   help="auto: on a CPU that claims native bf16 (AVX-512 BF16 or AMX), bf16 or fp32, whichever a "
+                        "few timed steps find faster; bf16 on GPUs from Ampere on, fp16 with loss scaling on older "
+                        "GPUs (T4, V100), else fp32")
     p.add_argument("--resume", action="store_true", help=resume_help)
     p.add_argument("--skip-bad", action="store_true", help="skip (and report) images that cannot be decoded")
     add_label_flags(p, "train")
