@@ -417,17 +417,26 @@ def print_shift_table(summary: dict, augment: str) -> None:
     print(row(f"worst over shifts {augment} augmentation never draws", summary["unseen_worst"]))
 
 
-def report_model(name: str, model_dir: str, root: Path, *, tta: bool = False) -> dict:
+def validation_split(root: Path, train_config: dict) -> tuple[np.ndarray, list[str]]:
+    """The labels and locations of the validation split a run trained on `root`/train drew."""
+    train_index = dataset.list_images(str(root), split="train")
+    _, val_index = dataset.split_by_patient(train_index, train_config["val_fraction"], train_config["seed"])
+    return np.array([r.label for r in val_index.records]), [r.obj.location for r in val_index.records]
+
+
+def report_model(name: str, model_dir: str, root: Path, *, tta: bool = False,
+                 val: dict[str, np.ndarray] | None = None) -> dict:
+    """The model scored clean and under the suite, and every threshold policy compared; `val`: its
+    validation split's scores under the suite, where the caller has them already."""
     started = time.perf_counter()
     model = load_model(model_dir)
     cfg = model.metadata["train_config"]
-    train_index = dataset.list_images(str(root), split="train")
-    _, val_index = dataset.split_by_patient(train_index, cfg["val_fraction"], cfg["seed"])
+    val_labels, val_locations = validation_split(root, cfg)
     test_index = dataset.list_images(str(root), split="test")
-    val_labels = np.array([r.label for r in val_index.records])
     test_labels = np.array([r.label for r in test_index.records])
     network = inference_network(model.network.to(resolve_device("auto")))
-    val = score_under_shifts(model, network, [r.obj.location for r in val_index.records], tta=tta)
+    if val is None:
+        val = score_under_shifts(model, network, val_locations, tta=tta)
     test = score_under_shifts(model, network, [r.obj.location for r in test_index.records], tta=tta)
     # The library's own evaluation of the clean held-out images must agree with this script's.
     check = evaluate_loaded(model, dataset.load_images(test_index, model.image_size, equalize_mode=model.equalize),
@@ -475,20 +484,17 @@ def report_epochs(name: str, model_dir: str, root: Path) -> dict:
     if not files:
         raise SystemExit(f"--select-epoch: no epoch models in {model_dir}/epochs: train it with --keep-epochs")
     started = time.perf_counter()
-    cfg = load_model(str(files[0])).metadata["train_config"]
-    _, val_index = dataset.split_by_patient(dataset.list_images(str(root), split="train"), cfg["val_fraction"],
-                                            cfg["seed"])
-    val_labels = np.array([r.label for r in val_index.records])
-    locations = [r.obj.location for r in val_index.records]
-    by_epoch = {}
+    val_labels, locations = validation_split(root, load_model(str(files[0])).metadata["train_config"])
+    by_epoch, val_scores = {}, {}
     print(f"\n## {name}: each epoch on its validation split ({len(locations)} images), at its own threshold\n"
           "| epoch | clean AUC | mean AUC | worst AUC | clean spec | mean spec | worst spec | mean acc |\n"
           "|---|---|---|---|---|---|---|---|")
     for file in files:
         model = load_model(str(file))
         network = inference_network(model.network.to(resolve_device("auto")))
-        summary = shifts.shift_metrics(val_labels, score_under_shifts(model, network, locations), model.threshold)
         epoch = int(model.metadata["best_epoch"])
+        val_scores[epoch] = score_under_shifts(model, network, locations)
+        summary = shifts.shift_metrics(val_labels, val_scores[epoch], model.threshold)
         c, m, w = summary["per_shift"]["clean"], summary["mean"], summary["worst"]
         by_epoch[epoch] = {"clean": {k: c[k] for k in KEYS}, "mean": m, "worst": w, "file": str(file)}
         print(f"| {epoch} | {c['roc_auc']:.4f} | {m['roc_auc']:.4f} | {w['roc_auc']:.4f} | {c['specificity']:.3f} "
@@ -497,10 +503,11 @@ def report_epochs(name: str, model_dir: str, root: Path) -> dict:
     by_suite = max(by_epoch, key=lambda e: (by_epoch[e]["mean"]["roc_auc"], e))
     print(f"chosen by clean validation (model.pt): epoch {by_clean}; by the mean over the suite: epoch {by_suite}; "
           f"validation scored in {time.perf_counter() - started:.0f}s", flush=True)
-    held_out = {f"{name} (epoch {by_clean}, clean validation's)": report_model(name, model_dir, root)}
+    held_out = {f"{name} (epoch {by_clean}, clean validation's)": report_model(name, model_dir, root,
+                                                                               val=val_scores[by_clean])}
     if by_suite != by_clean:
-        held_out[f"{name} (epoch {by_suite}, the suite's)"] = report_model(f"{name} epoch {by_suite}",
-                                                                           by_epoch[by_suite]["file"], root)
+        held_out[f"{name} (epoch {by_suite}, the suite's)"] = report_model(
+            f"{name} epoch {by_suite}", by_epoch[by_suite]["file"], root, val=val_scores[by_suite])
     return {"validation_by_epoch": by_epoch, "chosen": {"clean": by_clean, "suite": by_suite}, "held_out": held_out}
 
 

@@ -99,19 +99,21 @@ def measure_training_speed(network: Any, optimizer: Any, *, image_size: int, bat
     return steps * batch_size / (time.perf_counter() - started)
 
 
+def _fresh_speed(set_up: Any, amp_dtype: Any, *, image_size: int, batch_size: int, device: Any) -> float:
+    """`measure_training_speed` on a fresh (network, optimizer) from `set_up()`."""
+    network, optimizer = set_up()
+    return measure_training_speed(network, optimizer, image_size=image_size, batch_size=batch_size, device=device,
+                                  amp_dtype=amp_dtype)
+
+
 def race_precisions(precisions: dict[str, Any], *, image_size: int, batch_size: int, device: Any,
                     set_up: Any) -> PrecisionRace:
     """Each candidate of `precisions` (a name, 'fp32' or 'bf16', to its autocast dtype) timed for
     a few training steps at `image_size` on a fresh (network, optimizer) from `set_up()`; the
     faster wins. A CPU's flags cannot tell: on a Xeon with AVX-512 BF16 but no AMX fp32 ran 1.3x
     faster, on the CPU issue 13 was filed from bf16 ran 1.8x faster."""
-
-    def speed(amp_dtype: Any) -> float:
-        network, optimizer = set_up()
-        return measure_training_speed(network, optimizer, image_size=image_size, batch_size=batch_size, device=device,
-                                      amp_dtype=amp_dtype)
-
-    speeds = {name: speed(dtype) for name, dtype in precisions.items()}
+    speeds = {name: _fresh_speed(set_up, dtype, image_size=image_size, batch_size=batch_size, device=device)
+              for name, dtype in precisions.items()}
     return PrecisionRace(max(speeds, key=lambda name: speeds[name]), speeds, image_size)
 
 
@@ -147,9 +149,8 @@ def size_for_budget(budget_s: float, *, n_train: int, n_val: int, batch_size: in
     first, second = config.BUDGET_PROBE_SIZES
     race = race_precisions(precisions, image_size=first, batch_size=batch_size, device=device, set_up=set_up)
     chosen, raced = race.chosen, race.images_per_second
-    second_speed = race_precisions({chosen: precisions[chosen]}, image_size=second, batch_size=batch_size, device=device,
-                                   set_up=set_up).images_per_second[chosen]
-    speeds = {first: raced[chosen], second: second_speed}
+    speeds = {first: raced[chosen],
+              second: _fresh_speed(set_up, precisions[chosen], image_size=second, batch_size=batch_size, device=device)}
     (s0, v0), (s1, v1) = sorted(speeds.items())
     slope = max((1 / v1 - 1 / v0) / (s1 * s1 - s0 * s0), 0.0)
     intercept = max(1 / v0 - slope * s0 * s0, 0.0)
