@@ -185,6 +185,20 @@ RECIPES: dict[str, tuple[list[str], str]] = {
                         "larger run in the same time"),
     "cpu-preset@96x5+seed1": (["--preset", "cpu", "--weights", "none", "--image-size", "96", "--epochs", "5",
                                "--precision", "fp32", "--seed", "1"], "as cpu-preset@96x5"),
+    # Written 2026-11-30 (seventh session) before its run, on an AMD EPYC (family 25 model 17, Zen 4)
+    # with native AVX-512 BF16, 2 cores: a CPU like the one issue 13 was filed from, so the preset
+    # trains there at a rung no earlier row reached. bench_budget.py, run first on it, raced bf16 at
+    # 42-56 img/s against fp32 at 26-35 (96 px) and chose 160 px x 8 for 4,433 images in five of six
+    # draws (144 px x 8 in the sixth), predicting 25-26.4 min.
+    "cpu-preset@zen4": (["--preset", "cpu", "--weights", "none"],
+                        "the race picks bf16 and the ladder 160 px x 8 (144 px x 8 if its probe is slow); training "
+                        "ends within 30 min and within 5% of its predicted time. More pixels rank as well as the "
+                        "128 px x 7 seeds or a little better, near the ceiling: clean ROC AUC 0.994-0.998, mean "
+                        "shifted 0.993-0.997, worst at least 0.988; clean accuracy 0.955-0.975; mean specificity "
+                        "under shift 0.935-0.965; the cropped top still the worst shift, specificity 0.75-0.90 (it fell "
+                        "from 0.74 to 0.63 going 112 to 128 px before collimation, so more pixels do not buy that "
+                        "framing); the worst shift's accuracy at least 0.935. bf16 training changes nothing beyond "
+                        "the seeds' spread"),
     "cpu-preset-before": (["--preset", "cpu", "--image-size", "96", "--epochs", "5", *BEFORE],
                           "clean held-out accuracy 0.97, ROC AUC 0.996 (the README's figure); the shift pattern of "
                           "quick-baseline, milder: specificity under blur below 0.8"),
