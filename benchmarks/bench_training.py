@@ -24,12 +24,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import real_train_folder
 
-# Written 2026-11-30 (sixth session) before its run, when `--precision auto` without a time budget
-# began to race bf16 against fp32 on CPUs that claim native bf16: `--precision auto --precision bf16`.
-PRECISION_PREDICTION = ("on the Intel Xeon (family 6 model 207, AVX-512 BF16, no AMX) auto now trains in fp32, "
-                        "which the race finds faster, where it took bf16 before: auto's run 1.15-1.35x faster than "
-                        "the bf16 run (a bare step is 1.3x faster; decoding, validation, files and the race itself "
-                        "are not), and faster than the plain fp32 recipe by more than the bf16 run is")
+# Each written before its run, keyed by the --precision values it was written for.
+PRECISION_PREDICTIONS = {
+    # 2026-11-30 (sixth session), when `--precision auto` without a time budget began to race bf16
+    # against fp32 on CPUs that claim native bf16.
+    frozenset({"auto", "bf16"}): (
+        "on the Intel Xeon (family 6 model 207, AVX-512 BF16, no AMX) auto now trains in fp32, which the race finds "
+        "faster, where it took bf16 before: auto's run 1.15-1.35x faster than the bf16 run (a bare step is 1.3x "
+        "faster; decoding, validation, files and the race itself are not), and faster than the plain fp32 recipe by "
+        "more than the bf16 run is"),
+    # 2026-11-30 (seventh session), on an AMD EPYC (family 25 model 17, Zen 4), whose races at 96 px
+    # had found bf16 1.4-1.8x faster than fp32.
+    frozenset({"auto", "fp32"}): (
+        "on the AMD EPYC Zen 4 (AVX-512 BF16) auto's race picks bf16: auto's run 1.3-1.7x faster than the fp32 run "
+        "(a bare step is 1.4-1.8x faster; decoding, validation, files and the race are not), and at least 1.6x "
+        "faster than the plain fp32 recipe, the target the AVX2-only EPYC and the Xeon miss"),
+}
 
 
 def make_subset(source: Path, dest: Path, per_class: int) -> None:
@@ -107,8 +117,8 @@ def main() -> None:
                         help="run xraylib train with this --precision (repeat to compare several); default: the flag "
                              "left out, as a user types it")
     args = parser.parse_args()
-    if set(args.precision) == {"auto", "bf16"}:
-        print(f"predicted: {PRECISION_PREDICTION}", flush=True)
+    if frozenset(args.precision) in PRECISION_PREDICTIONS:
+        print(f"predicted: {PRECISION_PREDICTIONS[frozenset(args.precision)]}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "subset"
         make_subset(real_train_folder(), folder, args.per_class)
