@@ -1,8 +1,8 @@
 """Sizing a training run to a time budget (the image size and number of epochs that fill it),
 and racing bf16 against fp32 on a CPU whose flags cannot say which is faster.
 
-The same recipe takes 5 minutes on a CPU that runs bf16 natively and 30 on one that emulates it;
-a fixed preset leaves the fast machine idle. `size_for_budget` times a few real training steps
+The same recipe runs several times faster on a CPU that runs bf16 natively than on one that
+emulates it; a fixed preset leaves the fast machine idle. `size_for_budget` times a few real training steps
 (forward, backward, optimizer, in the precision the run will use; with `--precision auto` on a
 CPU that claims native bf16, in both bf16 and fp32, keeping the faster) at two image sizes, fits the
 time per image as a constant plus a part proportional to the pixels, and walks up
@@ -110,8 +110,8 @@ def race_precisions(precisions: dict[str, Any], *, image_size: int, batch_size: 
                     set_up: Any) -> PrecisionRace:
     """Each candidate of `precisions` (a name, 'fp32' or 'bf16', to its autocast dtype) timed for
     a few training steps at `image_size` on a fresh (network, optimizer) from `set_up()`; the
-    faster wins. A CPU's flags cannot tell: on a Xeon with AVX-512 BF16 but no AMX fp32 ran 1.3x
-    faster, on the CPU issue 13 was filed from bf16 ran 1.8x faster."""
+    faster wins. A CPU's flags cannot tell: some that claim AVX-512 BF16 run fp32 faster, others
+    bf16 (the README's Performance section has the CPUs measured)."""
     speeds = {name: _fresh_speed(set_up, dtype, image_size=image_size, batch_size=batch_size, device=device)
               for name, dtype in precisions.items()}
     return PrecisionRace(max(speeds, key=lambda name: speeds[name]), speeds, image_size)

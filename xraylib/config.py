@@ -79,8 +79,8 @@ PREDICT_CHUNK_IMAGES = 512
 # and at the end; a re-run reads the uploaded CSV and scores only the images it lacks.
 PREDICT_UPLOAD_EVERY_S = 300.0
 # On a CPU, inference runs fastest when a batch's activations stay in the caches. Measured with
-# the folded ResNet50 on 2 cores: the best batch was about 32 at 96 px, 16-24 at 128 px and 8 at
-# 224 px (13.7 against 11.2 img/s for batch 64), so a CPU batch holds about this many pixels.
+# the folded ResNet50 on 2 cores (README, Performance): the best batch was about 32 at 96 px, 16-24
+# at 128 px and 8 at 224 px, so a CPU batch holds about this many pixels.
 CPU_EVAL_BATCH_PIXELS = 400_000
 # Test-time augmentation: (degrees, zoom, shift x, shift y) of each view whose probabilities are
 # averaged; the identity plus mild versions of what training augmentation does.
