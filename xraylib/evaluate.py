@@ -93,7 +93,8 @@ def fit_calibration(labels: Sequence[int], logits: Sequence[float]) -> tuple[flo
     either class, whatever their shares on this split. It is fitted to every score, not to the
     edge of the gap an easy split leaves between the classes; a network that ranks well but whose
     log-odds sit off centre (a short run) gets its centre back. (1.0, 0.0) when the images hold
-    one class, or rank the classes backwards."""
+    one class, or when no rising slope fits them (a network that ranks the classes backwards, or
+    barely better than chance)."""
     from sklearn.linear_model import LogisticRegression
 
     y = np.asarray(labels, dtype=int)
