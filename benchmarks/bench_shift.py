@@ -210,7 +210,6 @@ RECIPES: dict[str, tuple[list[str], str]] = {
                               "0.80-0.93; the worst shift's accuracy at least 0.945; training 23-27 min"),
     # Written 2026-11-30 (seventh session) before its run, after issue 13's command on all 5,216
     # images chose 144 px x 8 in bf16 on the same Zen 4 (one rung below what 4,433 images get).
-    # Not yet run: that session's time went to the tests the new CPU kind broke.
     "cpu-preset@zen4-144x8": (["--preset", "cpu", "--weights", "none", "--image-size", "144", "--epochs", "8",
                                "--precision", "bf16"],
                               "between the 128 px x 7 fp32 seeds and the two 160 px x 8 bf16 seeds: clean ROC AUC "
