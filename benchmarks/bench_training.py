@@ -117,8 +117,9 @@ def main() -> None:
                         help="run xraylib train with this --precision (repeat to compare several); default: the flag "
                              "left out, as a user types it")
     args = parser.parse_args()
-    if frozenset(args.precision) in PRECISION_PREDICTIONS:
-        print(f"predicted: {PRECISION_PREDICTIONS[frozenset(args.precision)]}", flush=True)
+    predicted = PRECISION_PREDICTIONS.get(frozenset(args.precision))
+    if predicted:
+        print(f"predicted: {predicted}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "subset"
         make_subset(real_train_folder(), folder, args.per_class)
