@@ -216,6 +216,22 @@ RECIPES: dict[str, tuple[list[str], str]] = {
                               "0.995-0.998, mean shifted 0.995-0.997, worst at least 0.991; clean accuracy "
                               "0.955-0.975; mean specificity under shift 0.950-0.970; crop-top specificity 0.80-0.92; "
                               "the worst shift's accuracy at least 0.945; training 19-22 min"),
+    # Written 2026-11-30 (eighth session) before their runs, to answer what the seventh left open:
+    # whether precision or size moved the Zen 4 rows past the Xeon's, and whether 144 px x 8 (what
+    # issue 13's command trains on all 5,216 images here) holds on another seed.
+    "cpu-preset@zen4-128x7": (["--preset", "cpu", "--weights", "none", "--image-size", "128", "--epochs", "7",
+                               "--precision", "bf16"],
+                              "size, not precision: bf16 autocast keeps fp32 weights, so the Xeon's fp32 rung in bf16 "
+                              "lands in its seeds' spread, not the 160 px x 8 seeds': mean shifted ROC AUC 0.991-0.996 "
+                              "(under both 160 px x 8 seeds' 0.9968), clean 0.992-0.997, worst 0.985-0.992; clean "
+                              "accuracy 0.950-0.970; mean specificity under shift 0.935-0.960; crop-top specificity "
+                              "0.75-0.90; the worst shift's accuracy at least 0.930; training 13-16 min"),
+    "cpu-preset@zen4-144x8+seed1": (["--preset", "cpu", "--weights", "none", "--image-size", "144", "--epochs", "8",
+                                     "--precision", "bf16", "--seed", "1"],
+                                    "the rung, not seed 0's luck: clean ROC AUC 0.994-0.998, mean shifted 0.994-0.997, "
+                                    "worst at least 0.990; clean accuracy 0.955-0.972; mean specificity under shift "
+                                    "0.940-0.970; crop-top specificity 0.80-0.92; the worst shift's accuracy at least "
+                                    "0.945; training 20-22 min"),
     "cpu-preset-before": (["--preset", "cpu", "--image-size", "96", "--epochs", "5", *BEFORE],
                           "clean held-out accuracy 0.97, ROC AUC 0.996 (the README's figure); the shift pattern of "
                           "quick-baseline, milder: specificity under blur below 0.8"),
