@@ -17,9 +17,10 @@ from xraylib.evaluate import (
     evaluate_loaded,
     evaluate_model,
     fit_calibration,
+    predict_logits,
     probabilities_from_logits,
 )
-from xraylib.model import load_model
+from xraylib.model import inference_dtype, inference_network, load_model, resolve_device
 from xraylib.predict import predict_images
 from xraylib.training import train
 
@@ -171,10 +172,9 @@ def test_equalization_temperature_and_policy_travel_in_the_model_file_to_evaluat
     assert model.metadata["threshold_policy"] == "equal-error"
     # The calibration stored is the one fitted to the network's own log-odds on validation (a
     # 2-epoch network on 14 images may fit no rising slope on some CPUs: then the identity, by design).
-    raw = evaluate_loaded(dataclasses.replace(model, metadata={**model.metadata, "temperature": 1.0,
-                                                               "calibration_bias": 0.0}), result.data.val)
-    p = np.asarray(raw.probabilities, dtype=np.float64)
-    fitted = fit_calibration(result.data.val.labels.numpy(), np.log(p) - np.log1p(-p))
+    logits = predict_logits(inference_network(model.network), result.data.val.pixels, mean=model.mean, std=model.std,
+                            amp_dtype=inference_dtype(model, resolve_device("auto")))
+    fitted = fit_calibration(result.data.val.labels.numpy(), logits)
     assert model.temperature > 0
     assert (model.temperature, model.calibration_bias) == pytest.approx(fitted, rel=1e-3, abs=1e-3)
     assert model.threshold == pytest.approx(result.val_metrics["threshold"])

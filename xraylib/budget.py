@@ -1,10 +1,10 @@
 """Sizing a training run to a time budget (the image size and number of epochs that fill it),
 and racing bf16 against fp32 on a CPU whose flags cannot say which is faster.
 
-The same recipe runs several times faster on a CPU that runs bf16 natively than on one that
-emulates it; a fixed preset leaves the fast machine idle. `size_for_budget` times a few real
-training steps (forward, backward, optimizer, in the precision the run will use; with `--precision auto` on a
-CPU that claims native bf16, in both bf16 and fp32, keeping the faster) at two image sizes, fits the
+The same recipe runs several times faster on a CPU that runs bf16 natively than on one that emulates
+it; a fixed preset leaves the fast machine idle. `size_for_budget` times a few real training steps
+(forward, backward, optimizer, in the precision the run will use; with `--precision auto` on a CPU
+that claims native bf16, in both bf16 and fp32, keeping the faster) at two image sizes, fits the
 time per image as a constant plus a part proportional to the pixels, and walks up
 `config.BUDGET_LADDER` to the largest (image size, epochs) whose predicted run still fits.
 
