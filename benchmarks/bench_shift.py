@@ -272,6 +272,16 @@ RECIPES: dict[str, tuple[list[str], str]] = {
                              "least 0.9925; clean ROC AUC 0.995-0.999, clean accuracy 0.960-0.978; mean specificity "
                              "under shift 0.950-0.975; crop-top specificity 0.83-0.93; the worst shift's accuracy at "
                              "least 0.950); training 24-30 min, near the budget's 25.9 min for this rung here"),
+    # Written 2026-12-01 (tenth session) before its run, after cpu-preset@amx-176x9 scored at the foot
+    # of the three 160 px x 8 seeds' ranges (mean shifted ROC AUC 0.9960, worst 0.9938, clean 0.9967)
+    # and under them on the cropped top (0.851) and the worst shift's accuracy (0.957).
+    "cpu-preset@amx-176x9+seed1": (["--preset", "cpu", "--weights", "none", "--image-size", "176", "--epochs", "9",
+                                    "--precision", "bf16", "--seed", "1"],
+                                   "the ladder has stopped paying at 160 px x 8: another seed lands among the 160 px "
+                                   "x 8 seeds and seed 0, not above them: mean shifted ROC AUC 0.9950-0.9972, worst at "
+                                   "least 0.9925; clean ROC AUC 0.995-0.999, clean accuracy 0.955-0.975; mean "
+                                   "specificity under shift 0.950-0.972; crop-top specificity 0.80-0.92; the worst "
+                                   "shift's accuracy at least 0.945; training 22-26 min"),
     "cpu-preset-before": (["--preset", "cpu", "--image-size", "96", "--epochs", "5", *BEFORE],
                           "clean held-out accuracy 0.97, ROC AUC 0.996 (the README's figure); the shift pattern of "
                           "quick-baseline, milder: specificity under blur below 0.8"),
