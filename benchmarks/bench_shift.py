@@ -53,6 +53,8 @@ QUICK = ["--weights", "none", "--image-size", "64", "--epochs", "3", "--batch-si
 BEFORE = ["--augment", "geometry", "--equalize", "none", "--threshold-policy", "youden"]  # the recipe issue 13 scored
 
 # name: (flags for `xraylib train`, the prediction made before running it)
+# The ladder's rung above 160 px x 8, fixed, as three recipes train it on two machines.
+RUNG_176X9 = ["--preset", "cpu", "--weights", "none", "--image-size", "176", "--epochs", "9", "--precision", "bf16"]
 RECIPES: dict[str, tuple[list[str], str]] = {
     "quick-baseline": ([*QUICK, *BEFORE],
                        "clean held-out ROC AUC about 0.988; under the suite, blur and resolution loss hurt most, through "
@@ -253,8 +255,7 @@ RECIPES: dict[str, tuple[list[str], str]] = {
     # been scored under shift, yet a CPU about 1.6 times this Zen 4's speed (or any GPU) gets them from
     # the same 30-minute budget. The next rung up, on the same Zen 4, to see whether climbing on helps,
     # holds or starts to cost (more epochs at a larger size could fit training's cohort more closely).
-    "cpu-preset@zen4-176x9": (["--preset", "cpu", "--weights", "none", "--image-size", "176", "--epochs", "9",
-                               "--precision", "bf16"],
+    "cpu-preset@zen4-176x9": (RUNG_176X9,
                               "holds at the 160 px x 8 seeds' level, within their spread or a little above, and no "
                               "sign of a cost: mean shifted ROC AUC at least 0.9955, worst at least 0.9925; clean ROC "
                               "AUC 0.995-0.999, clean accuracy 0.960-0.978; mean specificity under shift 0.950-0.975; "
@@ -266,8 +267,7 @@ RECIPES: dict[str, tuple[list[str], str]] = {
     # (family 6 model 167) with AMX and AVX-512 BF16, 2 cores, bench_budget.py raced bf16 at 57-60 img/s
     # against fp32 at 27-28 (96 px) and chose 176 px x 9 or 160 px x 8 for 4,433 images. The same flags
     # and seed: the scores are predicted as for the Zen 4, the time from this machine's probes.
-    "cpu-preset@amx-176x9": (["--preset", "cpu", "--weights", "none", "--image-size", "176", "--epochs", "9",
-                              "--precision", "bf16"],
+    "cpu-preset@amx-176x9": (RUNG_176X9,
                              "as cpu-preset@zen4-176x9 on every score (mean shifted ROC AUC at least 0.9955, worst at "
                              "least 0.9925; clean ROC AUC 0.995-0.999, clean accuracy 0.960-0.978; mean specificity "
                              "under shift 0.950-0.975; crop-top specificity 0.83-0.93; the worst shift's accuracy at "
@@ -275,8 +275,7 @@ RECIPES: dict[str, tuple[list[str], str]] = {
     # Written 2026-12-01 (tenth session) before its run, after cpu-preset@amx-176x9 scored at the foot
     # of the three 160 px x 8 seeds' ranges (mean shifted ROC AUC 0.9960, worst 0.9938, clean 0.9967)
     # and under them on the cropped top (0.851) and the worst shift's accuracy (0.957).
-    "cpu-preset@amx-176x9+seed1": (["--preset", "cpu", "--weights", "none", "--image-size", "176", "--epochs", "9",
-                                    "--precision", "bf16", "--seed", "1"],
+    "cpu-preset@amx-176x9+seed1": ([*RUNG_176X9, "--seed", "1"],
                                    "the ladder has stopped paying at 160 px x 8: another seed lands among the 160 px "
                                    "x 8 seeds and seed 0, not above them: mean shifted ROC AUC 0.9950-0.9972, worst at "
                                    "least 0.9925; clean ROC AUC 0.995-0.999, clean accuracy 0.955-0.975; mean "
